@@ -1,0 +1,1 @@
+"""baton.v1 protos."""

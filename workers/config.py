@@ -1,0 +1,70 @@
+"""Engine configuration: one frozen dataclass per concern, validated at construction with the field named."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+KVEviction = Literal["none", "sink_window"]
+PreemptionMode = Literal["recompute", "swap"]
+
+
+def _require(ok: bool, name: str, value: object, why: str) -> None:
+    if not ok:
+        raise ValueError(f"invalid engine config {name}={value!r}: {why}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache sizing.
+
+    ``num_kv_blocks`` wins when given; otherwise blocks are sized from ``gpu_memory_utilization`` (the fraction of
+    device memory for weights + activations + KV, as in vLLM) on CUDA, or ``cpu_kv_cache_bytes`` on CPU.
+    """
+
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    gpu_memory_utilization: float = 0.85
+    cpu_kv_cache_bytes: int = 256 * 1024 * 1024
+    kv_cache_dtype: str = "auto"  # auto | float16 | bfloat16 | float32 | fp8 (e4m3)
+    enable_prefix_caching: bool = True
+    namespace: str = "default"
+    cache_salt: str = ""
+    swap_space_bytes: int = 0  # pinned host memory for swap preemption (0: recompute only)
+
+    def __post_init__(self) -> None:
+        _require(self.block_size in (8, 16, 32, 64, 128), "block_size", self.block_size,
+                 "must be one of 8, 16, 32, 64, 128")
+        _require(self.num_kv_blocks is None or self.num_kv_blocks >= 2, "num_kv_blocks",
+                 self.num_kv_blocks, "must be >= 2")
+        _require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization",
+                 self.gpu_memory_utilization, "must be in (0, 1]")
+        _require(self.kv_cache_dtype in ("auto", "float16", "bfloat16", "float32", "fp8", "fp8_e4m3"),
+                 "kv_cache_dtype", self.kv_cache_dtype,
+                 "must be auto, float16, bfloat16, float32 or fp8")
+        _require(self.swap_space_bytes >= 0, "swap_space_bytes", self.swap_space_bytes, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching with chunked prefill under a per-step token budget (decodes first)."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    long_prefill_token_threshold: int | None = None  # cap one prompt's chunk per step (None: budget)
+    enable_chunked_prefill: bool = True
+    preemption_mode: PreemptionMode = "recompute"
+    admission_headroom: float = 0.05  # fraction of KV blocks kept free at admission
+    admission_quantile: float = 0.9
+    predictor_window: int = 512
+
+    def __post_init__(self) -> None:
+        _require(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, "must be >= 1")
+        _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens",
+                 self.max_num_batched_tokens, "must be >= 1")
+        _require(self.preemption_mode in ("recompute", "swap"), "preemption_mode",
+                 self.preemption_mode, "must be 'recompute' or 'swap'")
+        _require(0 <= self.admission_headroom < 1, "admission_headroom", self.admission_headroom,
+                 "must be in [0, 1)")
+        _require(0 < self.admission_quantile <= 1, "admission_quantile", self.admission_quantile,
+                 "must be in (0, 1]")

@@ -1,0 +1,1 @@
+"""Model implementations (Llama family) over the paged KV cache."""
