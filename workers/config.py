@@ -68,3 +68,31 @@ class SchedulerConfig:
                  "must be in [0, 1)")
         _require(0 < self.admission_quantile <= 1, "admission_quantile", self.admission_quantile,
                  "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything one engine needs; ``model=None`` means the bundled default model (no download)."""
+
+    model: str | None = None
+    tokenizer: str | None = None  # defaults to the model directory
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    load_format: str = "auto"  # auto | safetensors | dummy
+    attention_backend: str = "auto"  # auto (triton on cuda, torch on cpu) | torch | triton
+    max_model_len: int | None = None
+    seed: int = 0
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+
+    def __post_init__(self) -> None:
+        _require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", self.dtype,
+                 "must be auto, float32, bfloat16 or float16")
+        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+                 "device", self.device, "must be auto, cpu, cuda or cuda:N")
+        _require(self.load_format in ("auto", "safetensors", "dummy"), "load_format",
+                 self.load_format, "must be auto, safetensors or dummy")
+        _require(self.attention_backend in ("auto", "torch", "triton"), "attention_backend",
+                 self.attention_backend, "must be auto, torch or triton")
+        _require(self.max_model_len is None or self.max_model_len >= 2, "max_model_len",
+                 self.max_model_len, "must be >= 2")

@@ -1,0 +1,95 @@
+"""Executes one ``SchedulerOutput`` on the model: packs the step's tokens, runs the forward over the paged KV
+cache, and returns the logits of the positions that sample. Owns the KV cache tensor.
+
+KV cache: ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]`` (see kernels/attention.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from baton.kernels.attention import AttentionMetadata
+from baton.workers.scheduler import SchedulerOutput
+
+
+def kv_cache_dtype_for(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    table = {
+        "auto": model_dtype,
+        "float16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "float32": torch.float32,
+        "fp8": torch.float8_e4m3fn,
+        "fp8_e4m3": torch.float8_e4m3fn,
+    }
+    return table[name]
+
+
+def block_bytes(spec: Any, block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.tensor([], dtype=dtype).element_size()
+    return spec.num_layers * 2 * block_size * spec.num_kv_heads * spec.head_dim * elem
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: Any,
+        device: torch.device,
+        num_blocks: int,
+        block_size: int,
+        kv_dtype: torch.dtype,
+    ) -> None:
+        self.model = model
+        self.spec = model.spec
+        self.device = device
+        self.block_size = block_size
+        self.kv_cache = torch.zeros(
+            self.spec.num_layers,
+            2,
+            num_blocks,
+            block_size,
+            self.spec.num_kv_heads,
+            self.spec.head_dim,
+            dtype=kv_dtype,
+            device=device,
+        )
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> torch.Tensor:
+        """Returns float32 logits ``[num_sampling_chunks, vocab]`` in the order of sampling chunks."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        sample_rows: list[int] = []
+        for chunk in out.chunks:
+            n = chunk.num_tokens
+            input_ids.extend(chunk.token_ids)
+            positions.extend(range(chunk.start, chunk.start + n))
+            query_lens.append(n)
+            seq_lens.append(chunk.start + n)
+            tables.append(list(chunk.block_ids))
+            if chunk.sample:
+                sample_rows.append(len(input_ids) - 1)
+        meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.block_size, self.device)
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        hidden = self.model.forward(ids, pos, self.kv_cache, meta)  # [T, hidden]
+        if not sample_rows:
+            return torch.empty(0, self.spec.vocab_size, dtype=torch.float32, device=self.device)
+        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, rows))
+
+    # -- KV transfer ------------------------------------------------------------------------------
+    def gather_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """A sequence's blocks across all layers as one contiguous ``[L, 2, n, bs, H, D]`` buffer."""
+        from baton.kernels.cache_ops import gather_kv_blocks
+
+        return gather_kv_blocks(self.kv_cache, block_ids)
+
+    def scatter_blocks(self, buffer: torch.Tensor, block_ids: list[int]) -> None:
+        from baton.kernels.cache_ops import scatter_kv_blocks
+
+        scatter_kv_blocks(buffer.to(self.device, non_blocking=True), self.kv_cache, block_ids)
