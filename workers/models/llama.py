@@ -299,11 +299,11 @@ class LlamaFamilyForCausalLM(nn.Module):
         self.model = Backbone(cfg, traits, backend, factory)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, **factory)
         if self.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            self.lm_head.weight = None  # type: ignore[assignment]  # re-tied after allocation
         self.to_empty(device=device)  # uninitialized storage; load_weights or a dummy init fills it
         self.requires_grad_(False)
         if self.tie_word_embeddings:
-            assert self.lm_head.weight is self.model.embed_tokens.weight
+            self.lm_head.weight = self.model.embed_tokens.weight
         inv_freq, self.attention_scaling = compute_rope(cfg)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)  # float32, always
         windows = traits.layer_windows(cfg)
