@@ -20,7 +20,6 @@ Scores live in the log2 domain (scale folded with log2(e)) so the softmax uses `
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
@@ -241,7 +240,7 @@ def choose_num_splits(
     reduction kernel compiles for few shapes. Large batch or short context -> 1 (no reduction pass).
     """
     programs = batch * num_kv_heads
-    want = math.ceil(TARGET_PROGRAMS_PER_SM * num_sms / max(programs, 1))
+    want = (TARGET_PROGRAMS_PER_SM * num_sms) // max(programs, 1)
     by_len = max(1, max_span // max(MIN_TOKENS_PER_SPLIT, block_n))
     splits = max(1, min(want, by_len, MAX_SPLITS))
     return 1 << (splits.bit_length() - 1)  # round down to a power of two
