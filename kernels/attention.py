@@ -120,9 +120,11 @@ def write_kv_reference(
     nb, bs, h, d = k_cache.shape
     kc = k_cache.view(nb * bs, h, d)
     vc = v_cache.view(nb * bs, h, d)
-    if k_cache.dtype == torch.float8_e4m3fn:
-        kc.index_copy_(0, slot_mapping, (k.float() / params.k_scale).to(k_cache.dtype))
-        vc.index_copy_(0, slot_mapping, (v.float() / params.v_scale).to(v_cache.dtype))
+    if k_cache.dtype == torch.float8_e4m3fn:  # index_copy_ has no fp8 kernel: copy the bytes
+        kq = (k.float() / params.k_scale).to(k_cache.dtype).view(torch.uint8)
+        vq = (v.float() / params.v_scale).to(v_cache.dtype).view(torch.uint8)
+        kc.view(torch.uint8).index_copy_(0, slot_mapping, kq)
+        vc.view(torch.uint8).index_copy_(0, slot_mapping, vq)
     else:
         kc.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
         vc.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
