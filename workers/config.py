@@ -33,8 +33,8 @@ class CacheConfig:
     swap_space_bytes: int = 0  # pinned host memory for swap preemption (0: recompute only)
 
     def __post_init__(self) -> None:
-        _require(self.block_size in (8, 16, 32, 64, 128), "block_size", self.block_size,
-                 "must be one of 8, 16, 32, 64, 128")
+        _require(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128, 256), "block_size", self.block_size,
+                 "must be a power of two in [1, 256]")
         _require(self.num_kv_blocks is None or self.num_kv_blocks >= 2, "num_kv_blocks",
                  self.num_kv_blocks, "must be >= 2")
         _require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization",

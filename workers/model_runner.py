@@ -84,12 +84,23 @@ class ModelRunner:
 
     # -- KV transfer ------------------------------------------------------------------------------
     def gather_blocks(self, block_ids: list[int]) -> torch.Tensor:
-        """A sequence's blocks across all layers as one contiguous ``[L, 2, n, bs, H, D]`` buffer."""
-        from baton.kernels.cache_ops import gather_kv_blocks
+        """A sequence's blocks across all layers as one contiguous ``[L, 2, n, bs, H, D]`` buffer.
 
-        return gather_kv_blocks(self.kv_cache, block_ids)
+        Triton kernel on CUDA; on CPU torch's own index_select is the fast path (and the kernel's reference).
+        """
+        from baton.kernels import cache_ops
+
+        ids = torch.tensor(block_ids, dtype=torch.int32, device=self.device)
+        if self.device.type == "cuda":
+            return cache_ops.gather_kv_blocks(self.kv_cache, ids)
+        return cache_ops.gather_kv_blocks_reference(self.kv_cache, ids)
 
     def scatter_blocks(self, buffer: torch.Tensor, block_ids: list[int]) -> None:
-        from baton.kernels.cache_ops import scatter_kv_blocks
+        from baton.kernels import cache_ops
 
-        scatter_kv_blocks(buffer.to(self.device, non_blocking=True), self.kv_cache, block_ids)
+        ids = torch.tensor(block_ids, dtype=torch.int32, device=self.device)
+        buffer = buffer.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            cache_ops.scatter_kv_blocks(buffer, self.kv_cache, ids)
+        else:
+            cache_ops.scatter_kv_blocks_reference(buffer, self.kv_cache, ids)
