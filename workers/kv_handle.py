@@ -1,0 +1,99 @@
+"""``KVHandle``: what a prefill worker hands out for a sequence's KV blocks, and the byte checksum both ends use.
+
+The handle describes one contiguous ``[L, 2, n_blocks, block_size, H_kv, D]`` export of the prompt's blocks (the
+unit of transfer), who holds it, and until when (``lease_deadline``, wall-clock seconds so that it means the same
+in every process). It carries no transport detail: transports add what they need beside it.
+
+Checksums: on CPU, BLAKE2b over the raw bytes. On CUDA, hashing the bytes would need a device-to-host copy of the
+whole buffer, so a position-weighted 64-bit sum is computed on the device and only its two scalars are hashed with
+BLAKE2b. The weights are odd, so any single corrupted 32-bit word changes the sum. The algorithm is named in the
+handle, so the receiver verifies with the sender's algorithm whatever its own device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+KV_LAYOUT = "L,2,blocks,block_size,kv_heads,head_dim"
+ALGO_BLAKE2B = "blake2b"
+ALGO_WSUM = "wsum64+blake2b"
+_WSUM_COLS = 4096
+
+
+@dataclass(frozen=True)
+class KVHandle:
+    worker_id: str
+    request_id: str
+    block_ids: tuple[int, ...]
+    shape: tuple[int, ...]
+    dtype: str  # torch dtype name without the "torch." prefix
+    layout: str
+    checksum: str
+    checksum_algo: str
+    lease_deadline: float  # time.time() seconds; the holder frees the blocks after it
+    num_prompt_tokens: int
+    num_cached_tokens: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=torch_dtype(self.dtype)).element_size()
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"unknown KV dtype {name!r}")
+    return dt
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def default_algo(buffer: torch.Tensor) -> str:
+    return ALGO_WSUM if buffer.device.type == "cuda" else ALGO_BLAKE2B
+
+
+def _as_words(buffer: torch.Tensor) -> torch.Tensor:
+    """The buffer's bytes as int32 words (zero-padded to a multiple of 4 bytes)."""
+    raw = buffer.contiguous().view(torch.uint8).reshape(-1)
+    pad = (-raw.numel()) % 4
+    if pad:
+        raw = torch.cat([raw, raw.new_zeros(pad)])
+    return raw.view(torch.int32)
+
+
+@torch.inference_mode()
+def kv_checksum(buffer: torch.Tensor, algo: str | None = None) -> str:
+    """Checksum of the buffer's bytes (see the module docstring for the two algorithms)."""
+    algo = algo or default_algo(buffer)
+    if algo == ALGO_BLAKE2B:
+        data = buffer.detach().contiguous().cpu().view(torch.uint8).reshape(-1).numpy()
+        return hashlib.blake2b(memoryview(data), digest_size=16).hexdigest()
+    if algo != ALGO_WSUM:
+        raise ValueError(f"unknown checksum algorithm {algo!r}")
+    words = _as_words(buffer.detach())
+    pad = (-words.numel()) % _WSUM_COLS
+    if pad:
+        words = torch.cat([words, words.new_zeros(pad)])
+    grid = words.view(-1, _WSUM_COLS).to(torch.int64)  # [rows, C]
+    col_w = torch.arange(_WSUM_COLS, device=grid.device, dtype=torch.int64) * 2 + 1  # odd
+    row_w = torch.arange(grid.shape[0], device=grid.device, dtype=torch.int64) * 2 + 1
+    weighted = ((grid * col_w).sum(1) * row_w).sum()  # wraps mod 2**64: still odd-weighted
+    plain = grid.sum()
+    pair = torch.stack([weighted, plain]).cpu().tolist()  # the only host sync
+    tag = f"{pair[0]}:{pair[1]}:{buffer.numel()}:{tuple(buffer.shape)}"
+    return hashlib.blake2b(tag.encode(), digest_size=16).hexdigest()
+
+
+def verify(handle: KVHandle, buffer: torch.Tensor) -> bool:
+    """True when ``buffer`` has the handle's shape, dtype and bytes."""
+    if tuple(buffer.shape) != tuple(handle.shape) or dtype_name(buffer.dtype) != handle.dtype:
+        return False
+    return kv_checksum(buffer, handle.checksum_algo) == handle.checksum
