@@ -76,6 +76,7 @@ class EngineConfig:
 
     model: str | None = None
     tokenizer: str | None = None  # defaults to the model directory
+    skip_tokenizer_init: bool = False  # token ids in and out only (benchmarks); no text, no stop strings
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     load_format: str = "auto"  # auto | safetensors | dummy

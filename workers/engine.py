@@ -93,7 +93,11 @@ class EngineCore:
             load_format=config.load_format,
         )
         self.spec = self.model.spec
-        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or model_path)
+        self.tokenizer = (
+            None
+            if config.skip_tokenizer_init
+            else AutoTokenizer.from_pretrained(config.tokenizer or model_path)
+        )
         self.max_model_len = min(
             config.max_model_len or self.spec.max_position_embeddings,
             self.spec.max_position_embeddings,
@@ -109,7 +113,9 @@ class EngineCore:
         num_blocks = self._num_blocks(block_bytes(self.spec, bs, self.kv_dtype))
         self.runner = ModelRunner(self.model, self.device, num_blocks, bs, self.kv_dtype)
         self.pool = BlockPool(num_blocks, bs, config.cache.enable_prefix_caching)
-        self.tokenizer_hash = identity.tokenizer_hash(self.tokenizer)
+        self.tokenizer_hash = (
+            "no-tokenizer" if self.tokenizer is None else identity.tokenizer_hash(self.tokenizer)
+        )
         self.model_fingerprint = identity.model_fingerprint(
             model_path, dummy_seed=config.seed if config.load_format == "dummy" else None
         )
@@ -121,9 +127,8 @@ class EngineCore:
             config.cache.cache_salt,
         )
         self.scheduler = Scheduler(config.scheduler, self.pool, self.identity, self.max_model_len)
-        self.eos_token_ids = frozenset(self.spec.eos_token_ids) | (
-            {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
-        )
+        tok_eos = getattr(self.tokenizer, "eos_token_id", None)
+        self.eos_token_ids = frozenset(self.spec.eos_token_ids) | ({tok_eos} if tok_eos is not None else set())
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._pending: list[RequestOutput] = []
@@ -171,6 +176,8 @@ class EngineCore:
                 f"of this worker ({capacity} tokens)"
             )
         vocab = self.spec.vocab_size
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer (the engine runs with skip_tokenizer_init)")
         bad = next((t for t in prompt_token_ids if not 0 <= int(t) < vocab), None)
         if bad is not None:
             raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
@@ -210,9 +217,10 @@ class EngineCore:
             prefill_only=prefill_only,
             generator=gen,
         )
-        self._detok[request_id] = IncrementalDetokenizer.start(
-            self.tokenizer, req.prompt_token_ids, params
-        )
+        if self.tokenizer is not None:
+            self._detok[request_id] = IncrementalDetokenizer.start(
+                self.tokenizer, req.prompt_token_ids, params
+            )
         return req
 
     def add_prefilled_request(
@@ -232,10 +240,11 @@ class EngineCore:
         self.validate(prompt_token_ids, params)
         req = self._new_request(request_id, prompt_token_ids, params, namespace, False)
         req.num_cached_tokens = num_cached_tokens
-        det = self._detok[request_id]
+        det = self._detok.get(request_id)
         for t in output_token_ids:
             req.output_token_ids.append(int(t))
-            det.append(int(t))
+            if det is not None:
+                det.append(int(t))
         req.first_token_time = time.monotonic()
         n_prompt = len(req.prompt_token_ids)
         need = (n_prompt + self.pool.block_size - 1) // self.pool.block_size
@@ -317,8 +326,8 @@ class EngineCore:
     def _after_token(self, req: Request) -> RequestOutput | None:
         p = req.params
         token = req.output_token_ids[-1]
-        det = self._detok[req.request_id]
-        stop_str = det.append(token)
+        det = self._detok.get(req.request_id)
+        stop_str = det.append(token) if det is not None else None
         status: RequestStatus | None = None
         reason: str | int | None = None
         if stop_str is not None:

@@ -35,11 +35,13 @@ class LLM:
         attention_backend: str = "auto",
         load_format: str = "auto",
         preemption_mode: str = "recompute",
+        skip_tokenizer_init: bool = False,
         seed: int = 0,
     ) -> None:
         config = EngineConfig(
             model=model,
             tokenizer=tokenizer,
+            skip_tokenizer_init=skip_tokenizer_init,
             dtype=dtype,
             device=device,
             load_format=load_format,
@@ -67,6 +69,8 @@ class LLM:
 
     def encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer (skip_tokenizer_init=True was given)")
             return list(self.tokenizer.encode(prompt))
         return [int(t) for t in prompt]
 

@@ -1,0 +1,83 @@
+"""Shared bench plumbing: model shapes built in code (dummy weights, no download) and result files that
+record device, versions and the command that produced them."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+LLAMA_3_2_1B = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=2048, intermediate_size=8192,
+    num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+    max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True,
+    rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=8192),
+    bos_token_id=128000, eos_token_id=128001, torch_dtype="bfloat16", hidden_act="silu",
+)
+LLAMA_3_8B = dict(
+    LLAMA_3_2_1B, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, head_dim=128,
+    tie_word_embeddings=False, rope_scaling=None, max_position_embeddings=8192,
+)
+SHAPES = {"llama-3.2-1b": LLAMA_3_2_1B, "llama-3-8b": LLAMA_3_8B}
+
+
+def write_config_dir(path: Path, shape: str) -> Path:
+    """A model directory holding only config.json: load it with load_format='dummy'."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(SHAPES[shape], indent=1))
+    return path
+
+
+def write_random_weights_dir(path: Path, shape: str, seed: int = 0) -> Path:
+    """config.json + random bf16 safetensors built by transformers itself, so Baton and HF load the same weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    write_config_dir(path, shape)
+    cfg = AutoConfig.from_pretrained(path)
+    torch.manual_seed(seed)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(path)
+    del model
+    return path
+
+
+def environment() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["device"] = torch.cuda.get_device_name()
+            info["cuda"] = torch.version.cuda
+        else:
+            info["device"] = f"cpu ({platform.processor() or platform.machine()})"
+    except ImportError:
+        pass
+    for mod in ("triton", "transformers", "ray"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    return info
+
+
+def write_result(name: str, payload: dict[str, Any], out_dir: Path | None = None) -> Path:
+    out_dir = out_dir or RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps({"env": environment(), **payload}, indent=1, default=str))
+    print(f"wrote {path}")
+    return path
