@@ -1,0 +1,223 @@
+"""``LocalEngineClient``: one in-process ``EngineCore`` driven by a background thread, behind ``EngineClient``.
+
+This is the colocated single-process mode (``pools.mode: colocated``), the engine of the router tests and the
+reference the overhead benchmark compares against. The engine is single-threaded, so every touch of it happens on
+the engine thread: callers put commands on a thread-safe queue and get results through futures; output deltas are
+handed to each request's asyncio queue with ``call_soon_threadsafe`` on the loop that asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from baton.cluster.messages import GenerateDelta, GenerateRequest
+from baton.router.client_protocol import Route, WorkerLoad
+from baton.workers.config import EngineConfig
+from baton.workers.outputs import RequestOutput
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[GenerateDelta]
+    num_prompt_tokens: int
+    finished: bool = False
+
+
+class LocalEngineClient:
+    """``EngineClient`` over one ``EngineCore``; build it with a config or hand it an engine (tests)."""
+
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        *,
+        engine: Any | None = None,
+        worker_id: str = "local-0",
+        check_integrity_when_idle: bool = False,
+    ) -> None:
+        if engine is None:
+            from baton.workers.engine import EngineCore
+
+            if config is None:
+                raise ValueError("LocalEngineClient needs an EngineConfig or an engine")
+            engine = EngineCore(config, worker_id=worker_id)
+        self.engine = engine
+        self.worker_id = worker_id
+        self._check_idle = check_integrity_when_idle
+        self._integrity_error: str | None = None
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"engine-{worker_id}", daemon=True)
+        self._thread.start()
+
+    # -- engine thread ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        eng = self.engine
+        while not self._stop.is_set():
+            busy = eng.has_unfinished_requests()
+            try:
+                cmd = self._commands.get_nowait() if busy else self._commands.get(timeout=0.05)
+                while True:  # run everything queued before the next step
+                    try:
+                        cmd()
+                    except Exception:  # noqa: BLE001 - commands report through their futures
+                        log.exception("engine %s: command failed", self.worker_id)
+                    cmd = self._commands.get_nowait()
+            except queue.Empty:
+                pass
+            if not eng.has_unfinished_requests():
+                continue
+            try:
+                outputs = eng.step()
+            except Exception as exc:  # a step failure ends every live request with an error, once
+                log.exception("engine %s: step failed", self.worker_id)
+                self._fail_all(f"engine step failed: {exc}")
+                continue
+            for out in outputs:
+                self._dispatch(out)
+            if self._check_idle and not eng.has_unfinished_requests():
+                self._check()
+
+    def _check(self) -> None:
+        try:
+            self.engine.check_integrity()
+        except AssertionError as exc:
+            self._integrity_error = str(exc) or "integrity check failed"
+            log.error("engine %s: %s", self.worker_id, self._integrity_error)
+
+    def _dispatch(self, out: RequestOutput) -> None:
+        st = self._streams.get(out.request_id)
+        if st is None:
+            return
+        comp = out.outputs[0]
+        finish = comp.finish_reason if out.finished else None
+        if out.finished and finish is None:
+            finish = "error" if out.error else "stop"
+        delta = GenerateDelta(
+            request_id=out.request_id,
+            token_ids=tuple(comp.delta_token_ids),
+            text=comp.delta_text,
+            logprobs=tuple(comp.delta_logprobs) if comp.delta_logprobs else None,
+            finish_reason=finish,
+            stop_reason=comp.stop_reason if out.finished else None,
+            num_prompt_tokens=len(out.prompt_token_ids),
+            num_cached_tokens=out.num_cached_tokens,
+            error=out.error,
+            num_preemptions=out.num_preemptions,
+            worker_id=self.worker_id,
+        )
+        if out.finished:
+            st.finished = True
+            self._streams.pop(out.request_id, None)
+        st.loop.call_soon_threadsafe(st.queue.put_nowait, delta)
+
+    def _fail_all(self, message: str) -> None:
+        for rid, st in list(self._streams.items()):
+            try:
+                self.engine.abort_request(rid)
+            except Exception:  # noqa: BLE001 - already failing; the error delta below is what matters
+                log.exception("abort of %s after a failed step", rid)
+            st.loop.call_soon_threadsafe(
+                st.queue.put_nowait,
+                GenerateDelta(rid, (), "", finish_reason="error", error=message,
+                              num_prompt_tokens=st.num_prompt_tokens, worker_id=self.worker_id),
+            )
+        self._streams.clear()
+        self.engine.step()  # collect the abort outputs so nothing stays pending
+
+    def call(self, fn: Callable[[Any], T]) -> concurrent.futures.Future[T]:
+        """Run ``fn(engine)`` on the engine thread (the only safe place to touch it)."""
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(self.engine))
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    fut.set_exception(exc)
+
+        self._commands.put(run)
+        return fut
+
+    async def _acall(self, fn: Callable[[Any], T]) -> T:
+        return await asyncio.wrap_future(self.call(fn))
+
+    # -- EngineClient -----------------------------------------------------------------------------
+    async def generate(
+        self, request: GenerateRequest, route: Route | None = None
+    ) -> AsyncIterator[GenerateDelta]:
+        rid = request.request_id
+        st = _Stream(asyncio.get_running_loop(), asyncio.Queue(), len(request.prompt_token_ids))
+
+        def add(eng: Any) -> None:
+            eng.add_request(rid, request.prompt_token_ids, request.params, namespace=request.namespace)
+            self._streams[rid] = st
+
+        try:
+            await self._acall(add)  # validation errors (context, vocab) surface here, before any delta
+            while True:
+                delta = await st.queue.get()
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+        finally:
+            if not st.finished:
+                self._commands.put(lambda: self._abort_now(rid))
+
+    def _abort_now(self, rid: str) -> None:
+        st = self._streams.pop(rid, None)
+        if st is not None:
+            st.finished = True
+        self.engine.abort_request(rid)
+
+    async def abort(self, request_id: str) -> None:
+        self._commands.put(lambda: self._abort_now(request_id))
+
+    async def health(self) -> bool:
+        return self._thread.is_alive() and self._integrity_error is None
+
+    async def stats(self) -> list[WorkerLoad]:
+        def snap(eng: Any) -> WorkerLoad:
+            s = eng.stats()
+            sch = s.scheduler
+            return WorkerLoad(
+                worker_id=self.worker_id,
+                role="colocated",
+                ready=True,
+                num_running=sch.num_running,
+                num_waiting=sch.num_waiting,
+                kv_usage=sch.kv_usage,
+                num_total_blocks=sch.num_total_blocks,
+                num_free_blocks=sch.num_free_blocks,
+                block_size=s.block_size,
+                num_preemptions=sch.num_preemptions,
+                prefix_queries=s.prefix_queries,
+                prefix_hits=s.prefix_hits,
+                integrity_error=self._integrity_error,
+            )
+
+        load = await self._acall(snap)
+        return [load if self._thread.is_alive() else WorkerLoad(self.worker_id, "colocated", False)]
+
+    async def check_integrity(self) -> str | None:
+        """Run the engine's block-accounting check now; the error text, or None when sound."""
+        await self._acall(lambda eng: self._check())
+        return self._integrity_error
+
+    async def reset_prefix_cache(self, namespace: str | None = None) -> int:
+        return int(await self._acall(lambda eng: eng.reset_prefix_cache(namespace)))
+
+    async def close(self) -> None:
+        self._stop.set()
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5.0)
