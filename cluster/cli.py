@@ -13,6 +13,7 @@ import sys
 
 COMMAND_MODULES: tuple[str, ...] = (
     "baton.cluster.cmd_generate",
+    "baton.cluster.cmd_serve",
     "baton.cluster.cmd_cache",
 )
 
