@@ -145,7 +145,7 @@ def _generation_eos(model_dir: Path) -> tuple[int, ...]:
 
 
 def load_model(
-    model_path: str | Path,
+    model_path: str | Path | Any,
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
     attn_backend: AttentionBackend | str = "torch",
@@ -153,12 +153,23 @@ def load_model(
 ) -> tuple[LlamaFamilyForCausalLM, Any]:
     """Build and load the model at ``model_path``; returns ``(model, hf_config)``.
 
+    ``model_path`` may also be a transformers config object (with ``load_format="dummy"``), e.g.
+    ``llama_3_2_1b_config()`` for benchmarks on real shapes without a download.
+
     ``dtype``: ``auto`` (config dtype; half on CPU becomes float32), ``float32``, ``bfloat16``, ``float16``.
     ``load_format``: ``auto`` (safetensors, else pytorch_model.bin), ``safetensors``, ``dummy``.
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load_format {load_format!r}; expected one of {LOAD_FORMATS}")
     dev = torch.device(device)
+    if not isinstance(model_path, (str, Path)):  # a config object: dummy weights only
+        if load_format != "dummy":
+            raise ValueError("a config object (no model directory) needs load_format='dummy'")
+        hf_config = model_path
+        architecture_of(hf_config)
+        model = build_model(hf_config, resolve_dtype(dtype, hf_config, dev), dev, attn_backend)
+        init_dummy_weights(model)
+        return model, hf_config
     model_dir, hf_config = load_config(model_path)
     torch_dtype = resolve_dtype(dtype, hf_config, dev)
     files: tuple[str, list[Path]] | None = None
@@ -177,3 +188,34 @@ def load_model(
 
 def supported_architectures() -> list[str]:
     return sorted(ARCHITECTURES)
+
+
+def llama_3_2_1b_config() -> Any:
+    """A config with Llama-3.2-1B's published shapes (for dummy-weight benchmarks; no download)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        architectures=["LlamaForCausalLM"],
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        hidden_act="silu",
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        tie_word_embeddings=True,
+        bos_token_id=128000,
+        eos_token_id=[128001, 128008, 128009],
+        dtype="bfloat16",
+    )

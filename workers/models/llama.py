@@ -115,13 +115,24 @@ ARCHITECTURES: dict[str, ArchTraits] = {
 }
 
 
+_MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+
 def architecture_of(hf_config: Any) -> str:
     """The first supported name in ``config.architectures``; a clear error naming it otherwise."""
     names = list(getattr(hf_config, "architectures", None) or [])
     for name in names:
         if name in ARCHITECTURES:
             return name
-    shown = ", ".join(names) if names else f"none (model_type={getattr(hf_config, 'model_type', None)!r})"
+    if not names and getattr(hf_config, "model_type", None) in _MODEL_TYPES:
+        return _MODEL_TYPES[hf_config.model_type]  # a config saved without "architectures"
+    model_type = getattr(hf_config, "model_type", None)
+    shown = ", ".join(names) if names else f"none given (model_type={model_type!r})"
     raise ValueError(
         f"unsupported model architecture: {shown}; supported: {', '.join(sorted(ARCHITECTURES))}"
     )
