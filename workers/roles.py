@@ -304,6 +304,12 @@ class DeltaStream:
         self.request_id = request_id
         self.queue: queue.SimpleQueue[GenerateDelta] = queue.SimpleQueue()
         self.placed: Future = Future()  # True when the fetched KV was placed, False when recomputed
+        self.on_put: Callable[[], None] | None = None  # called on the loop thread after each delta
+
+    def put(self, delta: GenerateDelta) -> None:
+        self.queue.put(delta)
+        if self.on_put is not None:
+            self.on_put()
 
     def poll(self, max_wait_s: float) -> list[GenerateDelta]:
         """Whatever is ready, waiting at most ``max_wait_s`` for the first delta."""
@@ -350,7 +356,7 @@ class DecodeRole:
         pending = [list(emit_prefix), list(emit_prefix_logprobs)]
 
         def sink(out: RequestOutput) -> None:
-            stream.queue.put(to_delta(out, self.worker_id, pending[0], pending[1]))
+            stream.put(to_delta(out, self.worker_id, pending[0], pending[1]))
             pending[0], pending[1] = [], []
             if out.finished:
                 with self._lock:

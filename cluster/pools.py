@@ -1,0 +1,136 @@
+"""Prefill/decode/colocated worker pools on Ray: start, resize, health, stop.
+
+API used by ``baton serve`` (and the tests)::
+
+    pools = start_pools(PoolConfig(...), ray_init_kwargs={"num_cpus": 4})  # embedded Ray unless config.address
+    client = pools.client()            # ClusterClient over the live workers (or ClusterClient.discover(config))
+    pools.resize(num_prefill=2, num_decode=3)   # at run time; removed workers are drained by abort
+    pools.health()                     # {worker_id: True/False}
+    pools.stop()
+
+Workers are named Ray actors (``<kind>-<n>`` in ``config.ray_namespace``) so a router in another process (a Serve
+replica) finds them with ``ClusterClient.discover``. Fractional ``num_gpus_per_worker`` (0.5) lets one GPU hold a
+prefill and a decode worker. One transport serves the whole pool: ``choose_transport`` decides it from the device
+and whether the Ray cluster has one node (cuda_ipc) or several (nccl); CPU pools use gloo unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from baton.cluster.actors import WORKER_CLASSES, WorkerInfo
+from baton.cluster.pool_config import PoolConfig
+from baton.cluster.transfer import choose_transport
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 300.0
+
+
+@dataclass
+class WorkerEntry:
+    info: WorkerInfo
+    actor: Any  # ray.actor.ActorHandle
+
+
+@dataclass
+class Pools:
+    config: PoolConfig
+    transport: str
+    workers: dict[str, WorkerEntry] = field(default_factory=dict)
+    _counter: itertools.count = field(default_factory=lambda: itertools.count())
+
+    def by_kind(self, kind: str) -> list[WorkerEntry]:
+        return [w for w in self.workers.values() if w.info.kind == kind]
+
+    def _spawn(self, kind: str, n: int) -> list[str]:
+        import ray
+
+        cfg = self.config
+        pending = []
+        for _ in range(n):
+            wid = f"{kind}-{next(self._counter)}"
+            cls = ray.remote(WORKER_CLASSES[kind])
+            actor = cls.options(
+                name=wid,
+                namespace=cfg.ray_namespace,
+                num_cpus=cfg.num_cpus_per_worker,
+                num_gpus=cfg.num_gpus_per_worker,
+                max_restarts=0,
+                max_concurrency=1000,
+            ).remote(wid, cfg, self.transport)
+            pending.append((wid, actor, actor.info.remote()))
+        infos = ray.get([p[2] for p in pending], timeout=START_TIMEOUT_S)
+        for (wid, actor, _), info in zip(pending, infos):
+            self.workers[wid] = WorkerEntry(info, actor)
+        return [p[0] for p in pending]
+
+    def resize(self, num_prefill: int | None = None, num_decode: int | None = None,
+               num_colocated: int | None = None) -> None:
+        """Grow by starting workers, shrink by stopping the newest ones (their streams end with an error
+        the client turns into a resume on another decode worker)."""
+        for kind, want in (("prefill", num_prefill), ("decode", num_decode),
+                           ("colocated", num_colocated)):
+            if want is None:
+                continue
+            have = self.by_kind(kind)
+            if want > len(have):
+                self._spawn(kind, want - len(have))
+            for entry in have[want:][::-1] if want < len(have) else []:
+                self.remove(entry.info.worker_id)
+
+    def remove(self, worker_id: str) -> None:
+        import ray
+
+        entry = self.workers.pop(worker_id, None)
+        if entry is None:
+            return
+        try:
+            ray.get(entry.actor.shutdown.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - already dead is fine
+            pass
+        ray.kill(entry.actor, no_restart=True)
+
+    def health(self, timeout_s: float = 5.0) -> dict[str, bool]:
+        import ray
+
+        refs = {wid: w.actor.info.remote() for wid, w in self.workers.items()}
+        out: dict[str, bool] = {}
+        for wid, ref in refs.items():
+            try:
+                ray.get(ref, timeout=timeout_s)
+                out[wid] = True
+            except Exception:  # noqa: BLE001
+                out[wid] = False
+        return out
+
+    def client(self):
+        from baton.cluster.client import ClusterClient
+
+        return ClusterClient(self.config, {w: (e.info, e.actor) for w, e in self.workers.items()})
+
+    def stop(self) -> None:
+        for wid in list(self.workers):
+            self.remove(wid)
+
+
+def start_pools(config: PoolConfig, *, ray_init_kwargs: dict[str, Any] | None = None) -> Pools:
+    """Start Ray if needed (``config.address`` or an embedded local cluster) and the configured workers."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=config.address, namespace=config.ray_namespace,
+                 **(ray_init_kwargs or {}))
+    alive_nodes = [n for n in ray.nodes() if n.get("Alive")]
+    transport = choose_transport(config.transport, device_type=config.device_type,
+                                 same_node=len(alive_nodes) <= 1)
+    pools = Pools(config, transport)
+    for kind, n in (("prefill", config.num_prefill), ("decode", config.num_decode),
+                    ("colocated", config.num_colocated)):
+        if n:
+            pools._spawn(kind, n)
+    log.info("pools up: %s (transport %s)", sorted(pools.workers), transport)
+    return pools
