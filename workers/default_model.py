@@ -81,6 +81,7 @@ def default_model_path(cache_dir: Path | None = None) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
     try:
         convert_gguf(gguf_path(), tmp)
         if target.exists() and not _is_complete(target):
