@@ -32,7 +32,7 @@ def _flops(batch: int, qlen: int, ctx: int) -> float:
     return 4.0 * DIM * HQ * pairs * batch
 
 
-def _ours(batch, qlen, ctx, bs):
+def _ours(batch, qlen, ctx, bs, config=None):
     nblk = -(-ctx // bs)
     k = torch.randn(batch * nblk + 1, bs, HKV, DIM, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
@@ -42,7 +42,7 @@ def _ours(batch, qlen, ctx, bs):
     seq_lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
     out = torch.empty_like(q)
     return lambda: extend_attention(
-        q, k, v, tables, seq_lens, qsl, DIM**-0.5, max_query_len=qlen, out=out
+        q, k, v, tables, seq_lens, qsl, DIM**-0.5, max_query_len=qlen, out=out, config=config
     )
 
 
@@ -60,6 +60,24 @@ def _sdpa(batch, qlen, ctx):
     return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
+def _sweep(args, env) -> None:
+    rows = []
+    configs = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 4, 2), (64, 32, 4, 4)]
+    for batch, qlen, ctx in ((1, 16384, 16384), (16, 512, 4096), (4, 4096, 4096)):
+        for cfg in configs:
+            try:
+                sec, how = time_calls([_ours(batch, qlen, ctx, args.block_size, cfg)], reps=5)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
+                print(f"{cfg} failed: {str(exc)[:200]}", flush=True)
+                continue
+            tflops = _flops(batch, qlen, ctx) / sec / 1e12
+            rows.append(dict(kernel="cfg", batch=batch, context=ctx, query_len=qlen,
+                             config=list(cfg), seconds=sec, tflops=tflops))  # fmt: skip
+            print(f"B={batch} q={qlen} ctx={ctx} {cfg}: {tflops:.1f} TFLOP/s", flush=True)
+            torch.cuda.empty_cache()
+    write_results(args.out, env, rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64])
@@ -69,10 +87,13 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=65536, help="skip batch*context above this")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--out", type=Path, default=Path("bench/results/extend_attention.json"))
+    p.add_argument("--sweep", action="store_true", help="time (BLOCK_M, BLOCK_N, warps, stages)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/extend_attention.py needs a CUDA GPU")
     env = environment(" ".join(["python"] + sys.argv))
+    if args.sweep:
+        return _sweep(args, env)
     rows: list[dict] = []
     for batch in args.batches:
         for ctx in args.contexts:

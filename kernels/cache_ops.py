@@ -40,8 +40,10 @@ def _round_to_e4m3(x):
     ax = tl.minimum(tl.abs(x), 448.0)
     expo = ((ax.to(tl.int32, bitcast=True) >> 23) & 255) - 127
     expo = tl.maximum(expo, -6)  # below 2^-6 the e4m3 grid is uniform (subnormals), step 2^-9
-    step = tl.exp2((expo - 3).to(tl.float32))
-    y = ax / step
+    # Powers of two built from their bits: exact on GPU too (ex2.approx and div.full are not).
+    step = ((expo - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    inv_step = ((127 - expo + 3) << 23).to(tl.float32, bitcast=True)
+    y = ax * inv_step
     r = tl.floor(y + 0.5)
     odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
     r = tl.where(((r - y) == 0.5) & odd, r - 1.0, r)
