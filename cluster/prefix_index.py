@@ -473,7 +473,7 @@ class PrefixIndex:
             "entries": self._entries,
             "holder_records": self._holder_records,
             "max_entries": self.config.max_entries,
-            "tenants": {name: len(t.entries) for name, t in self._tenants.items()},
+            "tenants": {name: len(t.entries) for name, t in self._tenants.items() if t.entries},
             "workers_alive": sum(1 for w in self._workers.values() if w.deadline > now),
             "roots": len(self._roots),
             "approx_bytes": self.approx_bytes(),

@@ -263,3 +263,16 @@ def test_same_text_different_segmentation_shares_no_boundary_block(
     index.publish("A", [CacheEvent("stored", h, "ns") for h in hashes])
     query = block_hashes(ident.cache_identity("ns"), split, BLOCK)
     assert index.longest_prefix(ident.root("ns"), query) == {"A": d // BLOCK}
+
+
+def test_baton_info_prints_identity(
+    model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from baton.cluster.cli import main
+
+    assert main(["info", "--model", str(model_dir), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["architecture"] == "LlamaForCausalLM"
+    assert info["tokenizer_hash"] == tokenizer_hash(PreTrainedTokenizerFast.from_pretrained(model_dir))
+    assert info["model_fingerprint"] == model_fingerprint(model_dir)
+    assert main(["info", "--model", str(model_dir / "missing")]) == 2

@@ -88,24 +88,32 @@ def test_publish_query_lease_and_identity(directory: Any) -> None:
     assert stats["entries"] >= after["entries"]
 
 
-def test_admin_purge_and_restart(directory: Any) -> None:
+def test_admin_purge_and_restart(directory: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from baton.cluster.cli import main
+
     call(directory.heartbeat.remote("C", V1))
     hashes = block_hashes(V1.cache_identity("t1"), list(range(64)), 16)
     call(directory.publish.remote("C", stored("t1", hashes) + stored("t2", hashes[:1])))
     assert call(admin_purge("t1", config=CONFIG)) == 4
     stats = call(directory.stats.remote())
     assert "t1" not in stats["tenants"] and stats["counters"]["purged_admin"] == 4
+    # The CLI against the same running cluster.
+    assert main(["cache", "purge", "--tenant", "t2", "--name", CONFIG.name]) == 0
+    assert "purged 1 entries (tenant 't2')" in capsys.readouterr().out
+    assert "t2" not in call(directory.stats.remote())["tenants"]
     assert get_directory(CONFIG)._actor_id == directory._actor_id
 
     # A crash restarts the actor (max_restarts=1) with an empty table: the next heartbeat asks to re-publish.
+    started = call(directory.stats.remote())["started_unix"]
     ray.kill(directory, no_restart=False)
     deadline = time.monotonic() + TIMEOUT
-    while True:
+    while True:  # the kill is asynchronous: wait for the new incarnation
         try:
-            resync = call(directory.heartbeat.remote("C", V1))
-            break
+            if call(directory.stats.remote())["started_unix"] != started:
+                break
         except ray.exceptions.RayActorError:
-            assert time.monotonic() < deadline, "directory did not restart"
-            time.sleep(0.2)
-    assert resync is True
+            pass
+        assert time.monotonic() < deadline, "directory did not restart"
+        time.sleep(0.2)
+    assert call(directory.heartbeat.remote("C", V1)) is True  # unknown again: re-publish
     assert call(directory.stats.remote())["entries"] == 0
