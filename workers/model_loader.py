@@ -1,13 +1,14 @@
-"""Load a Llama-family model from a Hugging Face model directory (or build dummy weights from its config).
+"""Load a Llama-family model from a Hugging Face model directory (or dummy weights from a config).
 
 ``load_model(path, dtype, device, attn_backend, load_format) -> (model, hf_config)``:
 
 * config through ``transformers.AutoConfig`` (so 4.x and 5.x config layouts both work);
-* weights from ``*.safetensors`` (single file or sharded via ``model.safetensors.index.json``), falling back
-  to ``pytorch_model.bin`` (single or sharded) under ``load_format="auto"``;
-* ``load_format="dummy"``: deterministic random weights (seeded, ``initializer_range`` scale so bfloat16
-  activations stay finite) for benchmarks on big shapes without a download;
-* stop tokens: ``generation_config.json``'s ``eos_token_id`` wins over the config's, as in HF ``generate``.
+* weights from ``*.safetensors`` (single file or sharded via ``model.safetensors.index.json``),
+  falling back to ``pytorch_model.bin`` (single or sharded) under ``load_format="auto"``;
+* ``load_format="dummy"``: deterministic random weights (seeded, ``initializer_range`` scale so
+  bfloat16 activations stay finite) for benchmarks on big shapes without a download;
+* stop tokens: ``generation_config.json``'s ``eos_token_id`` wins over the config's, as in HF
+  ``generate``.
 
 Every bad input fails before any weight is read, with the path, the architecture or the dtype named.
 """
@@ -43,12 +44,14 @@ DUMMY_SEED = 0
 def resolve_dtype(dtype: str | torch.dtype, hf_config: Any, device: torch.device) -> torch.dtype:
     """``auto`` = the config's dtype, except half precision on CPU becomes float32.
 
-    Why: CPU half-precision matmuls are slow and less exact than float32, and the CPU path is the one the
-    token-exactness tests run on. A config without a dtype means float32 (HF's default).
+    Why: CPU half-precision matmuls are slow and less exact than float32, and the CPU path is the
+    one the token-exactness tests run on. A config without a dtype means float32 (HF's default).
     """
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
-            raise ValueError(f"unsupported dtype {dtype}; expected one of auto, {', '.join(DTYPES)}")
+            raise ValueError(
+                f"unsupported dtype {dtype}; expected one of auto, {', '.join(DTYPES)}"
+            )
         return dtype
     if dtype != "auto":
         if dtype not in DTYPES:
@@ -65,7 +68,7 @@ def resolve_dtype(dtype: str | torch.dtype, hf_config: Any, device: torch.device
 
 
 def _weight_files(model_dir: Path, load_format: str) -> tuple[str, list[Path]]:
-    """``("safetensors"|"bin", files)``; raises naming the directory when nothing usable is there."""
+    """``("safetensors"|"bin", files)``; raises naming the directory when none is usable."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         return "safetensors", _indexed(index)
@@ -111,8 +114,8 @@ def iter_weights(kind: str, files: list[Path]) -> Iterator[tuple[str, torch.Tens
 def init_dummy_weights(model: LlamaFamilyForCausalLM, seed: int = DUMMY_SEED) -> None:
     """Deterministic random weights: N(0, initializer_range) for matrices/biases, ones for norms.
 
-    Parameters are filled in name order from one generator on the model's device, so the same seed gives
-    the same weights on the same device type (CPU and CUDA generators differ).
+    Parameters are filled in name order from one generator on the model's device, so the same seed
+    gives the same weights on the same device type (CPU and CUDA generators differ).
     """
     std = float(getattr(model.config, "initializer_range", 0.02) or 0.02)
     gen = torch.Generator(device=model.device).manual_seed(seed)
@@ -156,7 +159,8 @@ def load_model(
     ``model_path`` may also be a transformers config object (with ``load_format="dummy"``), e.g.
     ``llama_3_2_1b_config()`` for benchmarks on real shapes without a download.
 
-    ``dtype``: ``auto`` (config dtype; half on CPU becomes float32), ``float32``, ``bfloat16``, ``float16``.
+    ``dtype``: ``auto`` (config dtype; half on CPU becomes float32), ``float32``, ``bfloat16``,
+    ``float16``.
     ``load_format``: ``auto`` (safetensors, else pytorch_model.bin), ``safetensors``, ``dummy``.
     """
     if load_format not in LOAD_FORMATS:

@@ -49,9 +49,9 @@ def test_tokenizer_and_chat_template_render(smollm2_dir: Path) -> None:
 
 @pytest.mark.timeout(300)
 def test_greedy_answer_is_paris(smollm2_dir: Path) -> None:
-    """Teacher-forced greedy check in one prefill: argmax at every answer position reproduces the answer
-    ("The capital of France is Paris." then <|im_end|>), which is exactly what greedy decoding yields
-    (checked once against HF generate), at the cost of a single forward pass."""
+    """Teacher-forced greedy check in one prefill: the argmax at every answer position reproduces
+    the answer ("The capital of France is Paris." then <|im_end|>), which is exactly what greedy
+    decoding yields (checked once against HF generate), for the cost of one forward pass."""
     tok = transformers.AutoTokenizer.from_pretrained(str(smollm2_dir))
     prompt = list(tok.apply_chat_template(MESSAGES, add_generation_prompt=True)["input_ids"])
     answer = tok.encode("The capital of France is Paris.", add_special_tokens=False) + [2]

@@ -1,4 +1,4 @@
-"""load_model: clear errors on bad inputs, every weight-file layout, dummy weights, dtype and eos rules."""
+"""load_model: clear errors on bad inputs, weight-file layouts, dummy weights, dtype and eos."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The paged Llama-family model against transformers' own forward, on tiny random HF checkpoints.
 
-Each case builds a tiny HF model with a fixed seed, saves it with ``save_pretrained``, loads it back
-through ``load_model`` and compares float32 logits: a full prefill, a prefill then one decode step against
-the paged cache (validates the cache writes), and a prefill split into chunks.
+Each case builds a tiny HF model with a fixed seed, saves it with ``save_pretrained``, loads it
+back through ``load_model`` and compares float32 logits: a full prefill, a prefill then one decode
+step against the paged cache (validates the cache writes), and a prefill split into chunks.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def _empty_cache(model: Any) -> torch.Tensor:
 
 
 def _run(model: Any, kv: torch.Tensor, ids: list[int], start: int) -> torch.Tensor:
-    """Feed ``ids`` at positions ``start..`` (the cache holds everything before) -> logits [len, V]."""
+    """Feed ``ids`` at positions ``start..`` (the cache holds the rest) -> logits [len, V]."""
     n = len(ids)
     meta = AttentionMetadata.build([n], [start + n], [TABLE], BLOCK_SIZE, "cpu")
     hidden = model.forward(torch.tensor(ids), torch.arange(start, start + n), kv, meta)
@@ -163,7 +163,7 @@ def test_greedy_decode_token_exact_with_hf_generate(pair: Any) -> None:
 
 
 def test_two_sequences_in_one_batch(pair: Any) -> None:
-    """Two packed sequences (one prefill chunk, one decode) in one step, each with its own blocks."""
+    """Two packed sequences (a prefill and a decode) in one step, each with its own blocks."""
     model, hf = pair
     kv = _empty_cache(model)
     a, b = PROMPT[:9], PROMPT[4:8]

@@ -3,19 +3,20 @@
 Contract with the engine:
 
     model = build_model(hf_config, dtype, device, attn_backend)
-    hidden = model.forward(input_ids, positions, kv_cache, meta)   # [T] long, [T] long -> [T, hidden]
-    logits = model.compute_logits(hidden[rows])                   # [N, hidden] -> [N, vocab] float32
-    model.load_weights((hf_name, tensor) for ...)                 # HF checkpoint names
-    model.spec                                                    # ModelSpec (cache sizing, eos ids)
+    hidden = model.forward(input_ids, positions, kv_cache, meta)  # [T], [T] -> [T, hidden]
+    logits = model.compute_logits(hidden[rows])  # [N, hidden] -> [N, vocab] float32
+    model.load_weights((hf_name, tensor) for ...)  # HF checkpoint names
+    model.spec  # ModelSpec (cache sizing, eos ids)
 
-``kv_cache`` is the engine-wide tensor ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``;
-layer ``l`` hands ``kv_cache[l, 0]`` / ``kv_cache[l, 1]`` to the attention backend, which writes the new K/V
-at ``meta.slot_mapping`` and attends (see ``baton.kernels.attention``).
+``kv_cache`` is the engine-wide tensor
+``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``; layer ``l`` hands
+``kv_cache[l, 0]`` / ``kv_cache[l, 1]`` to the attention backend, which writes the new K/V at
+``meta.slot_mapping`` and attends (see ``baton.kernels.attention``).
 
-Numerics follow transformers' eager code op for op (separate q/k/v and gate/up projections, RMSNorm in
-float32, RoPE cos/sin computed in float32 from ``positions * inv_freq`` and cast to the model dtype, logits in
-the model dtype then cast to float32), so float32 on CPU is token-exact with HF ``generate``. Parameter
-names mirror HF's, so loading is a name lookup.
+Numerics follow transformers' eager code op for op (separate q/k/v and gate/up projections, RMSNorm
+in float32, RoPE cos/sin computed in float32 from ``positions * inv_freq`` and cast to the model
+dtype, logits in the model dtype then cast to float32), so float32 on CPU is token-exact with HF
+``generate``. Parameter names mirror HF's, so loading is a name lookup.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ from baton.kernels.attention import (
     get_backend,
 )
 
-# RoPE types whose frequencies are fixed at load time. "dynamic" and "longrope" recompute inv_freq from
-# the running sequence length inside HF's forward, which a paged cache shared across lengths cannot mirror.
+# RoPE types whose frequencies are fixed at load time. "dynamic" and "longrope" recompute inv_freq
+# from the running sequence length inside HF's forward, which a paged cache shared across lengths
+# cannot mirror.
 _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
@@ -45,8 +47,8 @@ _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 class ModelSpec:
     """What the engine needs to know about a model: cache shape, limits, stop tokens.
 
-    ``sliding_window`` is set only when *every* layer slides (then blocks older than the window are dead for
-    all layers); per-layer windows live in each layer's ``LayerAttentionParams``.
+    ``sliding_window`` is set only when *every* layer slides (then blocks older than the window are
+    dead for all layers); per-layer windows live in each layer's ``LayerAttentionParams``.
     """
 
     architecture: str
@@ -82,7 +84,7 @@ def _mistral_windows(cfg: Any) -> list[int | None]:
 
 
 def _qwen_windows(cfg: Any) -> list[int | None]:
-    """Qwen2/3: ``layer_types`` (transformers 5.x) or ``use_sliding_window``/``max_window_layers`` (4.x)."""
+    """Qwen2/3: ``layer_types`` (transformers 5.x), else ``max_window_layers`` (4.x)."""
     window = getattr(cfg, "sliding_window", None)
     if not getattr(cfg, "use_sliding_window", False) or window is None:
         return [None] * cfg.num_hidden_layers
@@ -108,7 +110,9 @@ ARCHITECTURES: dict[str, ArchTraits] = {
     "MistralForCausalLM": ArchTraits(
         _const(False), _const(False), _const(False), False, _mistral_windows
     ),
-    "Qwen2ForCausalLM": ArchTraits(_const(True), _const(False), _const(False), False, _qwen_windows),
+    "Qwen2ForCausalLM": ArchTraits(
+        _const(True), _const(False), _const(False), False, _qwen_windows
+    ),
     "Qwen3ForCausalLM": ArchTraits(
         _attr("attention_bias"), _attr("attention_bias"), _const(False), True, _qwen_windows
     ),
@@ -143,20 +147,20 @@ def head_dim_of(cfg: Any) -> int:
 
 
 def rope_parameters(cfg: Any) -> dict[str, Any]:
-    """The RoPE dict in transformers 5.x shape (``rope_parameters``) from either 5.x or 4.x configs."""
+    """The RoPE dict in transformers 5.x shape (``rope_parameters``) from 5.x or 4.x configs."""
     params = getattr(cfg, "rope_parameters", None)
     if params is None:  # transformers 4.x: rope_scaling (maybe None) + rope_theta
         params = dict(getattr(cfg, "rope_scaling", None) or {})
         params.setdefault("rope_theta", getattr(cfg, "rope_theta", 10000.0))
     params = dict(params)
     if "rope_type" not in params and isinstance(params.get("rope_theta"), dict):
-        raise ValueError("per-layer-type RoPE parameters are not supported by the Llama family runner")
+        raise ValueError("per-layer-type RoPE parameters are not supported by the Llama runner")
     params.setdefault("rope_type", params.get("type", "default"))
     return params
 
 
 def compute_rope(cfg: Any) -> tuple[torch.Tensor, float]:
-    """``(inv_freq [head_dim/2] float32, attention_scaling)`` from transformers' own RoPE init functions."""
+    """``(inv_freq [head_dim/2] float32, attention_scaling)`` from transformers' own RoPE init."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     params = rope_parameters(cfg)
@@ -169,7 +173,8 @@ def compute_rope(cfg: Any) -> tuple[torch.Tensor, float]:
     if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
         raise ValueError("partial_rotary_factor != 1 is not supported by the Llama family runner")
     if rope_type == "default" and "default" not in ROPE_INIT_FUNCTIONS:
-        # transformers 5.x keeps the default in each model's rotary class; same formula, same dtypes.
+        # transformers 5.x keeps the default in each model's rotary class; same formula, same
+        # dtypes.
         dim = head_dim_of(cfg)
         base = float(params["rope_theta"])
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
@@ -341,7 +346,9 @@ class LlamaFamilyForCausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
 
-    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin ``[T, 1, D]`` exactly as HF's rotary embedding computes them."""
         freqs = positions[:, None].float() * self.inv_freq.float()  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
@@ -357,7 +364,7 @@ class LlamaFamilyForCausalLM(nn.Module):
         kv_cache: torch.Tensor,  # [L, 2, num_blocks, block_size, Hkv, D]
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        """Final-norm hidden states ``[T, hidden]`` of the packed tokens; writes their K/V to the cache."""
+        """Final-norm hidden states ``[T, hidden]`` of the packed tokens; writes their K/V."""
         if kv_cache.shape[0] != self.spec.num_layers or kv_cache.shape[1] != 2:
             raise ValueError(
                 f"kv_cache shape {tuple(kv_cache.shape)} does not match "
@@ -377,7 +384,7 @@ class LlamaFamilyForCausalLM(nn.Module):
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors in (cast to the model dtype); error on missing, unknown or misshapen."""
+        """Copy HF-named tensors in, cast to the model dtype; missing/unknown/misshapen: error."""
         params = dict(self.named_parameters(remove_duplicate=False))
         if self.tie_word_embeddings:
             params.pop("lm_head.weight", None)  # shares model.embed_tokens.weight
@@ -400,7 +407,9 @@ class LlamaFamilyForCausalLM(nn.Module):
             param.copy_(tensor.to(device=param.device, dtype=param.dtype))
             loaded.add(name)
         if unknown:
-            raise ValueError(f"checkpoint has weights this model does not know: {sorted(unknown)[:8]}")
+            raise ValueError(
+                f"checkpoint has weights this model does not know: {sorted(unknown)[:8]}"
+            )
         missing = sorted(set(params) - loaded)
         if missing:
             raise ValueError(
