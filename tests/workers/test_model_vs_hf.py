@@ -188,3 +188,55 @@ def test_sliding_window_reaches_layer_params(tmp_path: Path) -> None:
     path2, _ = _save_tiny(tmp_path / "m", *CASES["mistral-sliding"])
     mistral, _ = load_model(path2, dtype="float32")
     assert mistral.spec.sliding_window == 5
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_float32_matches_hf(tmp_path: Path) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    path, hf = _save_tiny(tmp_path, *CASES["llama-tied-llama3-rope-bias"])
+    model, _ = load_model(path, dtype="float32", device="cuda", attn_backend="torch")
+    s = model.spec
+    kv = torch.zeros(s.num_layers, 2, NUM_BLOCKS, BLOCK_SIZE, s.num_kv_heads, s.head_dim,
+                     device="cuda")
+    meta = AttentionMetadata.build([len(PROMPT)], [len(PROMPT)], [TABLE], BLOCK_SIZE, "cuda")
+    hidden = model.forward(torch.tensor(PROMPT, device="cuda"),
+                           torch.arange(len(PROMPT), device="cuda"), kv, meta)
+    torch.testing.assert_close(model.compute_logits(hidden).cpu(), _hf_logits(hf, PROMPT),
+                               atol=ATOL, rtol=0)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_bf16_llama_1b_shapes_first_token_agrees_with_hf() -> None:
+    """Dummy weights with Llama-3.2-1B shapes in bfloat16: HF gets the very same tensors."""
+    from baton.workers.model_loader import llama_3_2_1b_config
+
+    cfg = llama_3_2_1b_config()
+    model, _ = load_model(cfg, dtype="bfloat16", device="cuda", load_format="dummy")
+    hf = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation="eager",
+                                                    dtype=torch.bfloat16).cuda().eval()
+    missing, unexpected = hf.load_state_dict(dict(model.named_parameters()), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to the embedding
+    assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    s = model.spec
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, cfg.vocab_size, (200,), generator=gen).tolist()
+    kv = torch.zeros(s.num_layers, 2, 16, 16, s.num_kv_heads, s.head_dim, device="cuda",
+                     dtype=torch.bfloat16)
+    meta = AttentionMetadata.build([len(prompt)], [len(prompt)], [list(range(13))], 16, "cuda")
+    ours = model.compute_logits(model.forward(torch.tensor(prompt, device="cuda"),
+                                              torch.arange(len(prompt), device="cuda"), kv, meta))
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt], device="cuda")).logits[0].float()
+    assert int(ours[-1].argmax()) == int(ref[-1].argmax())
+    targets = torch.tensor(prompt[1:], device="cuda")[:, None]  # next-token ids
+    lp_ours = torch.log_softmax(ours[:-1], -1).gather(1, targets)
+    lp_ref = torch.log_softmax(ref[:-1], -1).gather(1, targets)
+    err = (lp_ours - lp_ref).abs().max().item()
+    print(f"bf16 Llama-3.2-1B-shaped prompt logprob max abs diff vs HF: {err:.4f}")
+    assert err < 0.1
