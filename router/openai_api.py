@@ -169,7 +169,7 @@ def create_app(core: RouterCore) -> FastAPI:
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        fmt = _Formatter(kind, rid, created, body.model, tok, truncated)
+        fmt = _Formatter(kind, rid, created, body.model, tok, truncated, body.return_token_ids)
         if body.stream:
             return StreamingResponse(
                 fmt.sse(merge(streams), body.n, include_usage), media_type="text/event-stream",
@@ -239,9 +239,9 @@ class _Formatter:
     """OpenAI response and chunk shapes for both routes."""
 
     def __init__(self, kind: str, rid: str, created: int, model: str, tok: Any,
-                 truncated: bool) -> None:
+                 truncated: bool, token_ids: bool = False) -> None:
         self.kind, self.rid, self.created, self.model, self.tok = kind, rid, created, model, tok
-        self.truncated = truncated
+        self.truncated, self.token_ids = truncated, token_ids
         self.obj = "chat.completion" if kind == "chat" else "text_completion"
 
     def _logprobs(self, d: GenerateDelta) -> Any:
@@ -271,6 +271,8 @@ class _Formatter:
             c["text"] = d.text
         if d.finish_reason is not None:
             c["stop_reason"] = d.stop_reason
+        if self.token_ids:
+            c["token_ids"] = list(d.token_ids)
         return c
 
     def _chunk(self, choices: list[dict[str, Any]], usage: Any = None) -> str:
@@ -307,12 +309,14 @@ class _Formatter:
         finish: list[Any] = [None] * n
         stop: list[Any] = [None] * n
         lps: list[list[Any]] = [[] for _ in range(n)]
+        ids: list[list[int]] = [[] for _ in range(n)]
         seen: set[int] = set()
         try:
             async for i, d in deltas:
                 usage.add(d, i not in seen)
                 seen.add(i)
                 texts[i] += d.text
+                ids[i].extend(d.token_ids)
                 if d.logprobs:
                     lps[i].append(self._logprobs(d))
                 if d.finish_reason is not None:
@@ -327,6 +331,8 @@ class _Formatter:
                 c["message"] = {"role": "assistant", "content": texts[i]}
             else:
                 c["text"] = texts[i]
+            if self.token_ids:
+                c["token_ids"] = ids[i]
             choices.append(c)
         body = {"id": self.rid, "object": self.obj, "created": self.created, "model": self.model,
                 "choices": choices, "usage": usage.body()}

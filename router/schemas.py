@@ -45,6 +45,7 @@ class _Sampling(_Req):
     truncate_prompt_tokens: int | None = Field(default=None, ge=-1)
     best_of: int | None = None
     request_id: str | None = Field(default=None, max_length=128)
+    return_token_ids: bool = False  # Baton/vLLM extension: each choice also carries its token ids
 
     @field_validator("stop")
     @classmethod
