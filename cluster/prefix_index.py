@@ -16,9 +16,13 @@ Contract:
 - Bounded: ``max_entries`` overall and a quota per tenant, LRU within a tenant; over the global cap the tenant
   furthest over its fair share (entries / quota) gives back its least recently used entries.
 
-Entry layout (one Python int per holder; a tuple of them when several workers hold the block)::
+Entry layout: one Python int per block, whatever the number of holders, so every per-tenant table is a plain
+``dict[bytes, int]`` that CPython's cyclic GC never tracks (an OrderedDict or tuple values would make each full
+collection walk all 1M entries: multi-millisecond pauses). Insertion order is the LRU order (touch = pop and
+re-insert; evict = the first key)::
 
-    | last_use_ms (relative to the index's epoch) | root_idx : 20 | worker_idx : 24 | tier : 4 |
+    value = root_idx : 20  |  slot_0 << 20  |  slot_1 << 84  |  ...      (one 64-bit slot per holder)
+    slot  = present : 1 | tier : 3 | worker_idx : 24 | last_use_ms : 36  (ms since the index's epoch, saturating)
 """
 
 from __future__ import annotations
@@ -26,32 +30,51 @@ from __future__ import annotations
 import heapq
 import sys
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from baton.workers.block_hash import CacheIdentity
 from baton.workers.cache_events import TIERS, CacheEvent
 
-_TIER_BITS, _WORKER_BITS, _ROOT_BITS = 4, 24, 20
-_WORKER_SHIFT = _TIER_BITS
-_ROOT_SHIFT = _TIER_BITS + _WORKER_BITS
-_TIME_SHIFT = _ROOT_SHIFT + _ROOT_BITS
-_TIER_MASK = (1 << _TIER_BITS) - 1
-_WORKER_MASK = (1 << _WORKER_BITS) - 1
+_ROOT_BITS = 20
 _ROOT_MASK = (1 << _ROOT_BITS) - 1
+_SLOT_BITS = 64
+_SLOT_MASK = (1 << _SLOT_BITS) - 1
+_TIER_SHIFT, _WORKER_SHIFT, _TIME_SHIFT = 1, 4, 28
+_TIER_MASK = 0b111
+_WORKER_MASK = (1 << 24) - 1
+_TIME_MAX = (1 << 36) - 1
+_SINGLE_LIMIT = 1 << (_ROOT_BITS + _SLOT_BITS)  # values below it have exactly one holder
 _TIER_INDEX = {name: i for i, name in enumerate(TIERS)}
-# Approximate CPython costs behind ``stats()['approx_bytes']`` (the benchmark checks them against RSS).
-_INT_BYTES = 40  # a packed holder int (3 digits) incl. allocator rounding
-_EXTRA_HOLDER_BYTES = 56  # a tuple slot + the tuple header share when a second worker holds a block
+# Approximate CPython cost of one entry's value int (3 digits, allocator-rounded) for ``approx_bytes``.
+_INT_BYTES = 40
+_EXTRA_HOLDER_BYTES = 8  # each further 64-bit slot grows the int by ~2 digits
 
 
-def _pack(last_use_ms: int, root_idx: int, worker_idx: int, tier: int) -> int:
-    return (last_use_ms << _TIME_SHIFT) | (root_idx << _ROOT_SHIFT) | (worker_idx << _WORKER_SHIFT) | tier
+def _slot(last_use_ms: int, worker_idx: int, tier: int) -> int:
+    return (min(last_use_ms, _TIME_MAX) << _TIME_SHIFT) | (worker_idx << _WORKER_SHIFT) | (
+        tier << _TIER_SHIFT
+    ) | 1
 
 
-def _holders(value: int | tuple[int, ...]) -> tuple[int, ...]:
-    return value if type(value) is tuple else (value,)  # type: ignore[return-value]
+def _slots(value: int) -> list[int]:
+    rest, out = value >> _ROOT_BITS, []
+    while rest:
+        out.append(rest & _SLOT_MASK)
+        rest >>= _SLOT_BITS
+    return out
+
+
+def _join(root_idx: int, slots: Sequence[int]) -> int:
+    value = 0
+    for slot in reversed(slots):
+        value = (value << _SLOT_BITS) | slot
+    return (value << _ROOT_BITS) | root_idx
+
+
+def _worker(slot: int) -> int:
+    return (slot >> _WORKER_SHIFT) & _WORKER_MASK
 
 
 @dataclass(frozen=True)
@@ -110,7 +133,7 @@ class _Tenant:
     def __init__(self, name: str, quota: int) -> None:
         self.name = name
         self.quota = quota
-        self.entries: OrderedDict[bytes, int | tuple[int, ...]] = OrderedDict()  # LRU first
+        self.entries: dict[bytes, int] = {}  # insertion order = LRU order, least recent first
         self.held: Counter[int] = Counter()  # worker_idx -> entries it holds here
 
 
@@ -243,26 +266,26 @@ class PrefixIndex:
         tenant = self._tenant(namespace)
         entries = tenant.entries
         key = block_hash[: self._kb]
-        packed = _pack(now_ms, root_idx, worker.idx, tier)
-        value = entries.get(key)
+        slot = _slot(now_ms, worker.idx, tier)
+        value = entries.pop(key, None)
         if value is None:
-            entries[key] = packed
+            entries[key] = (slot << _ROOT_BITS) | root_idx
             tenant.held[worker.idx] += 1
             self._entries += 1
             self._holder_records += 1
             if len(entries) > tenant.quota:
                 self._evict_lru(tenant, 1, "evicted_quota")
             return
-        holders = _holders(value)
-        if (holders[0] >> _ROOT_SHIFT) & _ROOT_MASK != root_idx:  # key collision across roots
-            self._release(tenant, holders)
-            holders = ()
-        kept = tuple(p for p in holders if (p >> _WORKER_SHIFT) & _WORKER_MASK != worker.idx)
-        if len(kept) == len(holders):
+        slots = _slots(value)
+        if value & _ROOT_MASK != root_idx:  # a key collision across roots: the newcomer wins
+            self._release(tenant, slots)
+            slots = []
+        kept = [s for s in slots if _worker(s) != worker.idx]
+        if len(kept) == len(slots):
             tenant.held[worker.idx] += 1
             self._holder_records += 1
-        entries[key] = packed if not kept else (*kept, packed)
-        entries.move_to_end(key)
+        kept.append(slot)
+        entries[key] = _join(root_idx, kept)  # re-inserted: most recently used
 
     def _retract(self, worker_idx: int, namespace: str, block_hash: bytes) -> None:
         tenant = self._tenants.get(namespace)
@@ -272,9 +295,9 @@ class PrefixIndex:
         value = tenant.entries.get(key)
         if value is None:
             return
-        holders = _holders(value)
-        kept = tuple(p for p in holders if (p >> _WORKER_SHIFT) & _WORKER_MASK != worker_idx)
-        if len(kept) == len(holders):
+        slots = _slots(value)
+        kept = [s for s in slots if _worker(s) != worker_idx]
+        if len(kept) == len(slots):
             return
         self._dec_held(tenant, worker_idx)
         self._holder_records -= 1
@@ -282,7 +305,7 @@ class PrefixIndex:
             del tenant.entries[key]
             self._entries -= 1
         else:
-            tenant.entries[key] = kept[0] if len(kept) == 1 else kept
+            tenant.entries[key] = _join(value & _ROOT_MASK, kept)  # keeps its LRU position
 
     def _dec_held(self, tenant: _Tenant, worker_idx: int) -> None:
         n = tenant.held[worker_idx] - 1
@@ -291,17 +314,18 @@ class PrefixIndex:
         else:
             del tenant.held[worker_idx]
 
-    def _release(self, tenant: _Tenant, holders: Sequence[int]) -> None:
-        for p in holders:
-            self._dec_held(tenant, (p >> _WORKER_SHIFT) & _WORKER_MASK)
-        self._holder_records -= len(holders)
+    def _release(self, tenant: _Tenant, slots: Sequence[int]) -> None:
+        for slot in slots:
+            self._dec_held(tenant, _worker(slot))
+        self._holder_records -= len(slots)
 
     # -- eviction and invalidation ---------------------------------------------------------------
     def _evict_lru(self, tenant: _Tenant, count: int, reason: str) -> None:
         entries = tenant.entries
-        for _ in range(min(count, len(entries))):
-            _, value = entries.popitem(last=False)
-            self._release(tenant, _holders(value))
+        count = min(count, len(entries))
+        for _ in range(count):
+            key = next(iter(entries))
+            self._release(tenant, _slots(entries.pop(key)))
             self._entries -= 1
         self.counters[reason] += count
 
@@ -330,21 +354,16 @@ class PrefixIndex:
         removed = 0
         entries = tenant.entries
         for key, value in list(entries.items()):
-            holders = _holders(value)
-            if root_idx is not None and (holders[0] >> _ROOT_SHIFT) & _ROOT_MASK != root_idx:
+            if root_idx is not None and value & _ROOT_MASK != root_idx:
                 continue
-            if worker_idxs:
-                kept = tuple(
-                    p for p in holders if (p >> _WORKER_SHIFT) & _WORKER_MASK not in worker_idxs
-                )
-            else:
-                kept = ()
-            if len(kept) == len(holders):
+            slots = _slots(value)
+            kept = [s for s in slots if _worker(s) not in worker_idxs] if worker_idxs else []
+            if len(kept) == len(slots):
                 continue
-            self._release(tenant, [p for p in holders if p not in kept])
-            removed += len(holders) - len(kept)
+            self._release(tenant, [s for s in slots if s not in kept])
+            removed += len(slots) - len(kept)
             if kept:
-                entries[key] = kept[0] if len(kept) == 1 else kept
+                entries[key] = _join(value & _ROOT_MASK, kept)
             else:
                 del entries[key]
                 self._entries -= 1
@@ -418,28 +437,39 @@ class PrefixIndex:
         now = self._clock() if now is None else now
         entries, kb, deadlines = tenant.entries, self._kb, self._deadlines
         result: dict[int, int] = {}
-        candidates: set[int] | None = None
+        candidates: set[int] | None = None  # workers holding every block so far
         matched = 0
         for i, block_hash in enumerate(block_hashes):
             key = block_hash[:kb]
             value = entries.get(key)
-            if value is None:
+            if value is None or value & _ROOT_MASK != root_idx:
                 break
-            holders = set()
-            for p in _holders(value):
-                widx = (p >> _WORKER_SHIFT) & _WORKER_MASK
-                if (p >> _ROOT_SHIFT) & _ROOT_MASK == root_idx and deadlines.get(widx, 0.0) > now:
-                    holders.add(widx)
-            if candidates is None:
-                candidates = holders
-            elif not holders >= candidates:
-                for widx in candidates - holders:
-                    result[widx] = i
-                candidates &= holders
-            if not candidates:
-                break
+            if value < _SINGLE_LIMIT:  # the common case: one holder, no allocation
+                widx = (value >> (_ROOT_BITS + _WORKER_SHIFT)) & _WORKER_MASK
+                if deadlines.get(widx, 0.0) <= now:
+                    break
+                if candidates is None:
+                    candidates = {widx}
+                elif widx not in candidates:
+                    break
+                elif len(candidates) > 1:
+                    for other in candidates - {widx}:
+                        result[other] = i
+                    candidates = {widx}
+            else:
+                holders = {
+                    _worker(s) for s in _slots(value) if deadlines.get(_worker(s), 0.0) > now
+                }
+                if candidates is None:
+                    candidates = holders
+                elif not holders >= candidates:
+                    for other in candidates - holders:
+                        result[other] = i
+                    candidates &= holders
+                if not candidates:
+                    break
             if touch:
-                entries.move_to_end(key)
+                entries[key] = entries.pop(key)
             matched = i + 1
         for widx in candidates or ():
             result[widx] = matched
@@ -452,11 +482,13 @@ class PrefixIndex:
         tenant = self._tenants.get(known[1]) if known else None
         value = tenant.entries.get(block_hash[: self._kb]) if tenant else None
         out: dict[str, tuple[str, float]] = {}
-        for p in _holders(value) if value is not None else ():
-            widx = (p >> _WORKER_SHIFT) & _WORKER_MASK
-            if known and (p >> _ROOT_SHIFT) & _ROOT_MASK == known[0] and widx in self._by_idx:
-                last_use = self._epoch + (p >> _TIME_SHIFT) / 1000.0
-                out[self._by_idx[widx].worker_id] = (TIERS[p & _TIER_MASK], last_use)
+        if value is None or known is None or value & _ROOT_MASK != known[0]:
+            return out
+        for slot in _slots(value):
+            worker = self._by_idx.get(_worker(slot))
+            if worker is not None:
+                last_use = self._epoch + (slot >> _TIME_SHIFT) / 1000.0
+                out[worker.worker_id] = (TIERS[(slot >> _TIER_SHIFT) & _TIER_MASK], last_use)
         return out
 
     # -- introspection ---------------------------------------------------------------------------
@@ -487,12 +519,13 @@ class PrefixIndex:
             assert len(tenant.entries) <= tenant.quota, f"tenant {tenant.name} over quota"
             held: Counter[int] = Counter()
             for value in tenant.entries.values():
-                hs = _holders(value)
-                assert hs, "entry without holders"
-                assert len({(p >> _ROOT_SHIFT) & _ROOT_MASK for p in hs}) == 1, "mixed roots"
-                for p in hs:
-                    held[(p >> _WORKER_SHIFT) & _WORKER_MASK] += 1
-                holders += len(hs)
+                slots = _slots(value)
+                assert slots, "entry without holders"
+                assert all(s & 1 for s in slots), "slot without its presence bit"
+                workers = [_worker(s) for s in slots]
+                assert len(set(workers)) == len(workers), "a worker listed twice"
+                held.update(workers)
+                holders += len(slots)
             entries += len(tenant.entries)
             assert held == +tenant.held, f"tenant {tenant.name} held counts drifted"
         assert entries == self._entries, (entries, self._entries)

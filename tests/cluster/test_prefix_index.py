@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from baton.cluster.prefix_index import DirectoryConfig, ModelIdentity, PrefixIndex
 from baton.workers.block_hash import block_hashes
@@ -49,6 +51,20 @@ def test_longest_prefix_per_worker() -> None:
     index.publish("A", [CacheEvent("evicted", hashes[0], "acme")])
     assert index.longest_prefix(root, hashes) == {"B": 2}  # a gap at block 0 ends A's prefix
     assert index.stats()["entries"] == 6
+    index.check_integrity()
+
+
+def test_many_holders_of_one_block() -> None:
+    index, _ = make()
+    root, hashes = chain(V1, "acme", list(range(16 * 2)))
+    for w in "ABCD":
+        index.heartbeat(w, V1)
+        index.publish(w, stored("acme", hashes))
+    index.publish("B", [CacheEvent("evicted", hashes[1], "acme")])
+    assert index.longest_prefix(root, hashes) == {"A": 2, "B": 1, "C": 2, "D": 2}
+    index.publish("C", [CacheEvent("cleared", None, "")])
+    assert index.longest_prefix(root, hashes) == {"A": 2, "B": 1, "D": 2}
+    assert set(index.lookup(root, hashes[1])) == {"A", "D"}
     index.check_integrity()
 
 
@@ -223,3 +239,84 @@ def test_config_errors_name_the_field() -> None:
         DirectoryConfig(tenant_quotas={"t": 0})
     with pytest.raises(ValueError, match="key_bytes"):
         DirectoryConfig(key_bytes=4)
+
+
+def test_tables_stay_invisible_to_the_cyclic_gc() -> None:
+    """Query latency depends on it: a GC-tracked 1M-entry table makes every full collection walk it."""
+    import gc
+
+    index, _ = make()
+    _, hashes = chain(V1, "acme", list(range(16 * 4)))
+    for w in ("A", "B"):
+        index.heartbeat(w, V1)
+        index.publish(w, stored("acme", hashes))  # multi-holder entries too
+    index.publish("A", [CacheEvent("evicted", hashes[0], "acme")])
+    gc.collect()
+    assert not any(gc.is_tracked(t.entries) for t in index._tenants.values())
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["store", "evict", "clear", "beat", "upgrade", "tick", "query"]),
+            st.sampled_from(["A", "B", "C"]),
+            st.sampled_from(["x", "y"]),
+            st.integers(0, 2),  # block depth
+            st.sampled_from(["device", "host"]),
+        ),
+        max_size=60,
+    )
+)
+def test_matches_a_reference_model(ops: list[tuple[str, str, str, int, str]]) -> None:
+    """Random op sequences against a dict-of-sets reference (quotas too large to evict)."""
+    index, clock = make()
+    identity = {w: V1 for w in "ABC"}
+    deadline = {w: clock.now + 10 for w in "ABC"}
+    for w in "ABC":
+        index.heartbeat(w, V1)
+    ref: dict[tuple[str, str, bytes], set[str]] = {}  # (fingerprint, ns, hash) -> holders
+    hashes = {
+        (fp.model_fingerprint, ns): chain(fp, ns, list(range(16 * 6)))
+        for fp in (V1, V2)
+        for ns in ("x", "y")
+    }
+    for op, w, ns, depth, tier in ops:
+        alive = deadline[w] > clock.now
+        fp = identity[w].model_fingerprint
+        _, hs = hashes[(fp, ns)]
+        if op == "store":
+            applied = index.publish(w, [CacheEvent("stored", hs[depth], ns, tier)])
+            assert applied == int(alive)
+            if alive:
+                ref.setdefault((fp, ns, hs[depth]), set()).add(w)
+        elif op == "evict" and alive:
+            index.publish(w, [CacheEvent("evicted", hs[depth], ns)])
+            ref.get((fp, ns, hs[depth]), set()).discard(w)
+        elif op == "clear" and alive:
+            index.publish(w, [CacheEvent("cleared", None, ns if depth % 2 else "")])
+            for key, holders in ref.items():
+                if depth % 2 == 0 or key[1] == ns:
+                    holders.discard(w)
+        elif op in ("beat", "upgrade"):
+            new = (V2 if identity[w] == V1 else V1) if op == "upgrade" else identity[w]
+            if not alive or new != identity[w]:
+                for holders in ref.values():
+                    holders.discard(w)
+            index.heartbeat(w, new)
+            identity[w], deadline[w] = new, clock.now + 10
+        elif op == "tick":
+            clock.now += 2.5
+            index.maybe_sweep()
+        for (fp_, ns_), (root, chain_hashes) in hashes.items():
+            expect: dict[str, int] = {}
+            for worker in "ABC":
+                if deadline[worker] <= clock.now:
+                    continue
+                n = 0
+                while n < len(chain_hashes) and worker in ref.get((fp_, ns_, chain_hashes[n]), ()):
+                    n += 1
+                if n:
+                    expect[worker] = n
+            assert index.longest_prefix(root, chain_hashes, touch=op == "query") == expect
+        index.check_integrity()
