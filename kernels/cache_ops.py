@@ -47,7 +47,9 @@ def _round_to_e4m3(x):
     r = tl.floor(y + 0.5)
     odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
     r = tl.where(((r - y) == 0.5) & odd, r - 1.0, r)
-    return tl.where(x < 0, -r * step, r * step)
+    # Copy x's sign bit (Triton negates as 0 - v, which would turn -0.0 into +0.0).
+    sign = x.to(tl.int32, bitcast=True) & -2147483648
+    return ((r * step).to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit

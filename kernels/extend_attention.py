@@ -169,7 +169,9 @@ def _default_config(head_dim: int, dtype: torch.dtype, max_query_len: int) -> tu
         return 32, 32, 4, 2
     if max_query_len <= 16:
         return 16, 64, 4, 3
-    return 64, 64, 4, 3
+    if max_query_len <= 64:
+        return 64, 64, 4, 3
+    return 128, 32, 4, 3  # H100 sweep: +6-10 % over (64, 64) on prefill and 512-token chunks
 
 
 def extend_attention(

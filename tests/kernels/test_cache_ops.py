@@ -44,13 +44,15 @@ def test_reshape_and_cache_matches_reference(kv_dtype, heads, dim):
 
 def test_fp8_rounding_is_nearest_even_and_saturates():
     dev = kernel_device()
-    vals = torch.tensor([1.9, 1.95, 0.49, 7.9, 1.0625, 1.1875, -3.3, 0.001, 500.0, -1000.0])
+    vals = torch.tensor(
+        [1.9, 1.95, 0.49, 7.9, 1.0625, 1.1875, -3.3, 0.001, 500.0, -1000.0, -1e-4, 0.0037, -0.01]
+    )
     k = vals.view(-1, 1, 1).expand(-1, 1, 16).contiguous().to(dev)
     kc = torch.zeros(1, 16, 1, 16, device=dev).to(FP8)
     vc = kc.clone()
     reshape_and_cache(k, k, kc, vc, torch.arange(len(vals), device=dev))
-    got = kc[0, : len(vals), 0, 0].float().cpu()
-    want = vals.clamp(-448, 448).to(FP8).float()
+    got = kc[0, : len(vals), 0, 0].cpu().view(torch.uint8)
+    want = vals.clamp(-448, 448).to(FP8).view(torch.uint8)  # bytes: -0.0 must stay -0.0
     assert torch.equal(got, want), (got, want)
 
 
