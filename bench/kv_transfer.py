@@ -1,0 +1,263 @@
+"""KV transfer benchmark (no Ray): bandwidth and latency per transport for 1-64 MiB handles, with the limits of
+the same run beside them (a same-process device-to-device copy and a torch NCCL send/recv of the same bytes),
+and the handover orchestration latency (prefill done -> decode engine holds the sequence).
+
+Each transport runs between two processes (spawned; a pipe stands in for the control plane Ray provides in the
+cluster): the source holds a KV-shaped buffer and serves it through the transport exactly as a prefill worker
+does; the sink receives and verifies the checksum, as a decode worker does. The smallest handle is one block (16 tokens = 2 MiB). Times are wall-clock per transfer
+(p50 over ``--iters``), including the checksum on receipt.
+
+    python -m bench.kv_transfer --device cuda --out bench/results/kv_transfer.json
+    python -m bench.kv_transfer --device cpu --transports gloo grpc --sizes-mib 1 4   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+from baton.workers.kv_handle import KV_LAYOUT, KVHandle, default_algo, dtype_name, kv_checksum, verify
+
+# Llama-3-8B KV geometry: 32 layers, 8 KV heads, head_dim 128, bf16 -> 128 KiB per token.
+L, H, D, BS = 32, 8, 128, 16
+
+
+def make_buffer(mib: int, device: str) -> torch.Tensor:
+    per_block = L * 2 * BS * H * D * 2
+    n = max(1, (mib << 20) // per_block)
+    return torch.randn(L, 2, n, BS, H, D, device=device).to(torch.bfloat16)
+
+
+def handle_for(rid: str, buf: torch.Tensor) -> KVHandle:
+    return KVHandle("src", rid, tuple(range(buf.shape[2])), tuple(buf.shape), dtype_name(buf.dtype),
+                    KV_LAYOUT, kv_checksum(buf), default_algo(buf), time.time() + 600,
+                    buf.shape[2] * BS)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _source(name: str, device: str, sizes: list[int], iters: int, conn) -> None:
+    from baton.cluster.transfer import make_transport
+
+    try:
+        t = make_transport(name, worker_id="src", device=device, timeout_s=60)
+        table: dict[str, tuple[KVHandle, torch.Tensor]] = {}
+        endpoint = t.serve(table.get)
+        conn.send(("endpoint", endpoint))
+        if t.caps.needs_pair_group:
+            t.open_pair("dst", "", 0, 1)
+        for mib in sizes:
+            buf = make_buffer(mib, device)
+            h = handle_for(f"h{mib}", buf)
+            table[h.request_id] = (h, buf)
+            conn.send(("handle", h, t.export_payload(h, buf) if t.caps.exports_payload else b""))
+            for i in range(iters):
+                if t.caps.needs_pair_group:
+                    t.send(h.request_id, "dst", i)
+                conn.recv()  # the sink's "done": keeps the buffer alive while it is opened
+            del table[h.request_id]
+        conn.send(("bye",))
+    except Exception:  # noqa: BLE001 - reported by the parent
+        conn.send(("error", traceback.format_exc()))
+
+
+def _sink(name: str, device: str, iters: int, conn, out) -> None:
+    from baton.cluster.transfer import make_transport
+
+    try:
+        t = make_transport(name, worker_id="dst", device=device, timeout_s=60)
+        _, endpoint = conn.recv()
+        if t.caps.needs_pair_group:
+            t.open_pair("src", endpoint, 1, 1)
+        rows = []
+        while True:
+            msg = conn.recv()
+            if msg[0] != "handle":
+                if msg[0] == "error":
+                    out.put({"error": msg[1]})
+                    return
+                break
+            h, payload = msg[1], msg[2]
+            times = []
+            for i in range(iters):
+                t0 = time.perf_counter()
+                got = t.receive(h, endpoint=endpoint, payload=payload, peer_id="src", transfer_id=i)
+                ok = verify(h, got)
+                sync(device)
+                times.append(time.perf_counter() - t0)
+                conn.send("done")
+                assert ok, "checksum mismatch"
+            p50 = statistics.median(times[1:] if len(times) > 1 else times)
+            rows.append({"bytes": h.nbytes, "p50_s": p50, "gbps": h.nbytes / p50 / 1e9})
+        out.put({"rows": rows})
+    except Exception:  # noqa: BLE001
+        out.put({"error": traceback.format_exc()})
+
+
+def bench_transport(name: str, device: str, sizes: list[int], iters: int) -> dict:
+    ctx = mp.get_context("spawn")
+    a, b = ctx.Pipe()
+    out = ctx.Queue()
+    src = ctx.Process(target=_source, args=(name, device, sizes, iters, a))
+    dst = ctx.Process(target=_sink, args=(name, device, iters, b, out))
+    src.start()
+    dst.start()
+    try:
+        res = out.get(timeout=600)
+    finally:
+        for p in (src, dst):
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    return res
+
+
+def bench_copy(device: str, sizes: list[int], iters: int) -> list[dict]:
+    rows = []
+    for mib in sizes:
+        src = make_buffer(mib, device)
+        dst = torch.empty_like(src)
+        times = []
+        for _ in range(iters):
+            sync(device)
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        p50 = statistics.median(times[1:])
+        nbytes = src.numel() * src.element_size()
+        rows.append({"bytes": nbytes, "p50_s": p50, "gbps": nbytes / p50 / 1e9})
+    return rows
+
+
+def _nccl_rank(rank: int, port: int, sizes: list[int], iters: int, out) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    try:
+        dev = rank % torch.cuda.device_count()
+        torch.cuda.set_device(dev)
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=2, timeout=datetime.timedelta(seconds=60))
+        rows = []
+        for mib in sizes:
+            buf = make_buffer(mib, f"cuda:{dev}")
+            times = []
+            for _ in range(iters):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                if rank == 0:
+                    dist.send(buf, 1)
+                else:
+                    dist.recv(buf, 0)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            nbytes = buf.numel() * buf.element_size()
+            p50 = statistics.median(times[1:])
+            rows.append({"bytes": nbytes, "p50_s": p50, "gbps": nbytes / p50 / 1e9})
+        if rank == 1:
+            out.put({"rows": rows, "gpus": torch.cuda.device_count()})
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - NCCL refuses two ranks on one GPU in some versions
+        if rank == 1:
+            out.put({"error": traceback.format_exc()})
+
+
+def bench_nccl_limit(sizes: list[int], iters: int) -> dict:
+    from baton.cluster.transfer.base import free_port
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    ps = [ctx.Process(target=_nccl_rank, args=(r, port, sizes, iters, out)) for r in (0, 1)]
+    for p in ps:
+        p.start()
+    try:
+        return out.get(timeout=300)
+    finally:
+        for p in ps:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+
+
+def bench_handover(device: str, iters: int, model: str | None) -> dict:
+    """Prefill role done -> decode role placed the sequence (export, checksum, transfer-free placement, first
+    decode step). Both roles in one process: this isolates orchestration from the wire, measured above."""
+    from baton.workers.config import CacheConfig, EngineConfig
+    from baton.workers.engine import EngineCore
+    from baton.workers.roles import DecodeRole, EngineLoop, PrefillRole
+    from baton.workers.sampling_params import SamplingParams
+
+    cfg = EngineConfig(model=model, device=device, cache=CacheConfig(num_kv_blocks=512))
+    ploop = EngineLoop(EngineCore(cfg, worker_id="p"))
+    dloop = EngineLoop(EngineCore(cfg, worker_id="d"))
+    pre, dec = PrefillRole(ploop), DecodeRole(dloop)
+    sp = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    to_placed, to_first = [], []
+    for i in range(iters):
+        prompt = [(13 * i + j) % 300 + 10 for j in range(500)]
+        res = pre.prefill(f"r{i}", prompt, sp).result(120)
+        t0 = time.perf_counter()
+        h, buf = pre.buffer_for(f"r{i}")
+        kv = buf.clone()
+        assert verify(h, kv)
+        s = dec.start(f"r{i}", prompt, sp, output_token_ids=[res.first_token_id], kv=kv,
+                      emit_prefix=[res.first_token_id])
+        assert s.placed.result(60)
+        to_placed.append(time.perf_counter() - t0)
+        deltas = s.poll(60)
+        to_first.append(time.perf_counter() - t0)
+        pre.ack(f"r{i}")
+        for _ in range(100):  # max_tokens=2: the first decode delta is usually the last
+            if any(d.finish_reason for d in deltas):
+                break
+            deltas = s.poll(60)
+    ploop.stop()
+    dloop.stop()
+    return {"p50_placed_ms": statistics.median(to_placed) * 1e3,
+            "p50_first_decode_delta_ms": statistics.median(to_first) * 1e3, "iters": iters}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--transports", nargs="+", default=None)
+    ap.add_argument("--sizes-mib", nargs="+", type=int, default=[1, 4, 16, 64])
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--model", default=None, help="model for the handover run (default model)")
+    ap.add_argument("--out", default="bench/results/kv_transfer.json")
+    args = ap.parse_args()
+    cuda = args.device.startswith("cuda")
+    names = args.transports or (["cuda_ipc", "nccl", "gloo", "grpc"] if cuda else ["gloo", "grpc"])
+    result: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu",
+                    "kv_geometry": {"layers": L, "kv_heads": H, "head_dim": D, "block_size": BS,
+                                    "dtype": "bfloat16"},
+                    "sizes_mib": args.sizes_mib, "iters": args.iters, "transports": {}}
+    result["limits"] = {"copy": bench_copy(args.device, args.sizes_mib, args.iters)}
+    if cuda:
+        result["limits"]["nccl_send_recv"] = bench_nccl_limit(args.sizes_mib, args.iters)
+    for name in names:
+        print(f"== {name}", flush=True)
+        result["transports"][name] = bench_transport(name, args.device, args.sizes_mib, args.iters)
+        print(json.dumps(result["transports"][name])[:600], flush=True)
+    result["handover"] = bench_handover(args.device, args.iters, args.model)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result["limits"])[:800])
+    print(json.dumps(result["handover"]))
+
+
+if __name__ == "__main__":
+    main()
