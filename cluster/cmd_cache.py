@@ -1,8 +1,10 @@
-"""``baton cache purge|stats`` (the global prefix directory) and ``baton info`` (a model's cache identity).
+"""``baton cache purge|stats`` (the global prefix directory) and ``baton info`` (a model's cache
+identity).
 
-``baton info`` prints what decides whether two deployments may share KV blocks: the tokenizer hash and the
-model fingerprint (``workers/identity.py``), plus the architecture. ``baton cache purge`` drops a tenant's (or
-every) directory entry in a running cluster; workers keep their local blocks, only routing forgets them.
+``baton info`` prints what decides whether two deployments may share KV blocks: the tokenizer hash
+and the model fingerprint (``workers/identity.py``), plus the architecture. ``baton cache purge``
+drops a tenant's (or every) directory entry in a running cluster; workers keep their local blocks,
+only routing forgets them.
 """
 
 from __future__ import annotations
@@ -29,8 +31,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     _cluster_args(stats)
     stats.set_defaults(func=run_stats)
 
-    info = sub.add_parser("info", help="print a model's tokenizer hash, fingerprint and architecture")
-    info.add_argument("--model", default=None, help="HF model directory or GGUF file (default: bundled)")
+    info = sub.add_parser(
+        "info", help="print a model's tokenizer hash, fingerprint and architecture"
+    )
+    info.add_argument(
+        "--model", default=None, help="HF model directory or GGUF file (default: bundled)"
+    )
     info.add_argument("--revision", default=None, help="hub commit standing in for weight digests")
     info.add_argument("--dummy-seed", type=int, default=None, help="fingerprint as dummy weights")
     info.add_argument("--json", action="store_true", help="print JSON")
@@ -39,7 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
-    p.add_argument("--name", default=None, help="directory actor name (default from DirectoryConfig)")
+    p.add_argument(
+        "--name", default=None, help="directory actor name (default from DirectoryConfig)"
+    )
     p.add_argument("--ray-namespace", default=None, help="Ray namespace of the directory actor")
 
 
@@ -77,7 +85,9 @@ def run_purge(args: argparse.Namespace) -> int:
 def run_stats(args: argparse.Namespace) -> int:
     import ray
 
-    print(json.dumps(ray.get(_directory(args).stats.remote(), timeout=60), indent=2, sort_keys=True))
+    print(
+        json.dumps(ray.get(_directory(args).stats.remote(), timeout=60), indent=2, sort_keys=True)
+    )
     return 0
 
 

@@ -1,10 +1,12 @@
-"""The global prefix-cache directory as a Ray actor: detached, named, restartable, wrapping ``PrefixIndex``.
+"""The global prefix-cache directory as a Ray actor: detached, named, restartable, wrapping
+``PrefixIndex``.
 
-Workers call ``heartbeat(worker_id, identity)`` every few seconds (well inside ``lease_s``) and, whenever it
-returns True, re-publish every block they hold; in between they ``publish(worker_id, events)`` the batches
-drained from their engine (``engine.drain_cache_events()``). The router computes block hashes with
-``block_hash.py`` and asks ``longest_prefix(root, hashes)``. A restart loses the table by design (it is
-advisory); the next heartbeat of each worker says "unknown, re-publish" and it fills again.
+Workers call ``heartbeat(worker_id, identity)`` every few seconds (well inside ``lease_s``) and,
+whenever it returns True, re-publish every block they hold; in between they ``publish(worker_id,
+events)`` the batches drained from their engine (``engine.drain_cache_events()``). The router
+computes block hashes with ``block_hash.py`` and asks ``longest_prefix(root, hashes)``. A restart
+loses the table by design (it is advisory); the next heartbeat of each worker says "unknown,
+re-publish" and it fills again.
 
 The directory exports its size as Ray metrics (``baton_prefix_directory_entries``,
 ``baton_prefix_directory_bytes``) at most once per ``sweep_interval_s``.
@@ -35,7 +37,7 @@ __all__ = [
 
 
 class PrefixDirectoryActor:
-    """Thin shell: every method sweeps expired leases (at most once per interval) then asks the index."""
+    """Thin shell: each call sweeps expired leases (once per interval at most), then asks."""
 
     def __init__(self, config: DirectoryConfig) -> None:
         self._index = PrefixIndex(config, clock=time.monotonic)
@@ -112,7 +114,7 @@ class PrefixDirectoryActor:
 
 
 def get_directory(config: DirectoryConfig | None = None) -> Any:
-    """Handle of the running directory; raises ValueError when there is none (Ray must be initialized)."""
+    """Handle of the running directory; ValueError when there is none (Ray must be initialized)."""
     config = config or DirectoryConfig()
     try:
         return ray.get_actor(config.name, namespace=config.ray_namespace)
@@ -123,7 +125,8 @@ def get_directory(config: DirectoryConfig | None = None) -> Any:
 
 
 def get_or_create_directory(config: DirectoryConfig | None = None) -> Any:
-    """Handle of the named detached directory actor, creating it on first use (race-free: get_if_exists)."""
+    """Handle of the named detached directory actor, creating it on first use (race-free:
+    get_if_exists)."""
     config = config or DirectoryConfig()
     actor_cls = ray.remote(PrefixDirectoryActor)
     return actor_cls.options(  # type: ignore[attr-defined]
@@ -137,6 +140,6 @@ def get_or_create_directory(config: DirectoryConfig | None = None) -> Any:
 
 
 def admin_purge(tenant: str | None, *, config: DirectoryConfig | None = None) -> Any:
-    """Purge one tenant's entries (``tenant=None``: all); returns an ObjectRef of the count removed, so sync
-    callers ``ray.get`` it and async ones (the HTTP admin endpoint) ``await`` it."""
+    """Purge one tenant's entries (``tenant=None``: all); returns an ObjectRef of the count removed,
+    so sync callers ``ray.get`` it and async ones (the HTTP admin endpoint) ``await`` it."""
     return get_directory(config).purge.remote(namespace=tenant)

@@ -1,28 +1,33 @@
-"""The global prefix-cache directory's data structure, plain Python (the Ray actor in ``prefix_directory.py``
-wraps it; tests and the benchmark use it directly).
+"""The global prefix-cache directory's data structure, plain Python (the Ray actor in
+``prefix_directory.py`` wraps it; tests and the benchmark use it directly).
 
 Contract:
-- Per tenant namespace, block hash -> {worker: (tier, last_use)}. Block hashes come from ``block_hash.py``: each
-  chain starts at ``CacheIdentity(namespace, tokenizer_hash, model_fingerprint, kv_dtype, cache_salt).root()``,
-  so a hash already names its tenant and model version. On top of that the index keeps one table per tenant and
-  resolves a query's root to exactly one tenant's table: a query can only ever see its own tenant's entries, so
-  one tenant's cache hits are not observable by another (no shared table, no shared LRU, separate quotas).
-- Advisory: a wrong answer costs the router a worse placement and the worker a recompute, never a wrong token
-  (workers re-check hashes and token ids before reuse). That is what allows the keys to be a 16-byte prefix of the
-  SHA-256 (``key_bytes``), and why each entry also records its identity root (a mismatch reads as a miss).
-- Workers hold leases (``heartbeat``). Entries of a worker whose lease ran out are invisible to queries at once
-  and removed by ``sweep``. A worker that heartbeats a different ``ModelIdentity`` (new weights or tokenizer) loses
-  all its old entries first: mixed versions during a rollout never share blocks.
-- Bounded: ``max_entries`` overall and a quota per tenant, LRU within a tenant; over the global cap the tenant
-  furthest over its fair share (entries / quota) gives back its least recently used entries.
+- Per tenant namespace, block hash -> {worker: (tier, last_use)}. Block hashes come from
+  ``block_hash.py``: each chain starts at ``CacheIdentity(namespace, tokenizer_hash,
+  model_fingerprint, kv_dtype, cache_salt).root()``, so a hash already names its tenant and model
+  version. On top of that the index keeps one table per tenant and resolves a query's root to
+  exactly one tenant's table: a query can only ever see its own tenant's entries, so one tenant's
+  cache hits are not observable by another (no shared table, no shared LRU, separate quotas).
+- Advisory: a wrong answer costs the router a worse placement and the worker a recompute, never a
+  wrong token (workers re-check hashes and token ids before reuse). That is what allows the keys to
+  be a 16-byte prefix of the SHA-256 (``key_bytes``), and why each entry also records its identity
+  root (a mismatch reads as a miss).
+- Workers hold leases (``heartbeat``). Entries of a worker whose lease ran out are invisible to
+  queries at once and removed by ``sweep``. A worker that heartbeats a different ``ModelIdentity``
+  (new weights or tokenizer) loses all its old entries first: mixed versions during a rollout never
+  share blocks.
+- Bounded: ``max_entries`` overall and a quota per tenant, LRU within a tenant; over the global cap
+  the tenant furthest over its fair share (entries / quota) gives back its least recently used
+  entries.
 
-Entry layout: one Python int per block, whatever the number of holders, so every per-tenant table is a plain
-``dict[bytes, int]`` that CPython's cyclic GC never tracks (an OrderedDict or tuple values would make each full
-collection walk all 1M entries: multi-millisecond pauses). Insertion order is the LRU order (touch = pop and
-re-insert; evict = the first key)::
+Entry layout: one Python int per block, whatever the number of holders, so every per-tenant table is
+a plain ``dict[bytes, int]`` that CPython's cyclic GC never tracks (an OrderedDict or tuple values
+would make each full collection walk all 1M entries: multi-millisecond pauses). Insertion order is
+the LRU order (touch = pop and re-insert; evict = the first key)::
 
-    value = root_idx : 20  |  slot_0 << 20  |  slot_1 << 84  |  ...      (one 64-bit slot per holder)
-    slot  = present : 1 | tier : 3 | worker_idx : 24 | last_use_ms : 36  (ms since the index's epoch, saturating)
+    value = root_idx : 20  |  slot_0 << 20  |  slot_1 << 84  |  ...   (one 64-bit slot per holder)
+    slot  = present : 1 | tier : 3 | worker_idx : 24 | last_use_ms : 36
+            (last_use_ms: since the index's epoch, saturating)
 """
 
 from __future__ import annotations
@@ -47,15 +52,19 @@ _WORKER_MASK = (1 << 24) - 1
 _TIME_MAX = (1 << 36) - 1
 _SINGLE_LIMIT = 1 << (_ROOT_BITS + _SLOT_BITS)  # values below it have exactly one holder
 _TIER_INDEX = {name: i for i, name in enumerate(TIERS)}
-# Approximate CPython cost of one entry's value int (3 digits, allocator-rounded) for ``approx_bytes``.
+# Approximate CPython cost of one entry's value int (3 digits, allocator-rounded) for
+# ``approx_bytes``.
 _INT_BYTES = 40
 _EXTRA_HOLDER_BYTES = 8  # each further 64-bit slot grows the int by ~2 digits
 
 
 def _slot(last_use_ms: int, worker_idx: int, tier: int) -> int:
-    return (min(last_use_ms, _TIME_MAX) << _TIME_SHIFT) | (worker_idx << _WORKER_SHIFT) | (
-        tier << _TIER_SHIFT
-    ) | 1
+    return (
+        (min(last_use_ms, _TIME_MAX) << _TIME_SHIFT)
+        | (worker_idx << _WORKER_SHIFT)
+        | (tier << _TIER_SHIFT)
+        | 1
+    )
 
 
 def _slots(value: int) -> list[int]:
@@ -79,7 +88,8 @@ def _worker(slot: int) -> int:
 
 @dataclass(frozen=True)
 class ModelIdentity:
-    """What a worker serves, apart from the tenant: together with a namespace it gives a ``CacheIdentity``."""
+    """What a worker serves, apart from the tenant: together with a namespace it gives a
+    ``CacheIdentity``."""
 
     tokenizer_hash: str
     model_fingerprint: str
@@ -119,7 +129,9 @@ class DirectoryConfig:
         require(self.sweep_interval_s > 0, "sweep_interval_s", "must be > 0")
         require(self.max_entries >= 1, "max_entries", "must be >= 1")
         require(self.default_tenant_quota >= 1, "default_tenant_quota", "must be >= 1")
-        require(all(q >= 1 for q in self.tenant_quotas.values()), "tenant_quotas", "all must be >= 1")
+        require(
+            all(q >= 1 for q in self.tenant_quotas.values()), "tenant_quotas", "all must be >= 1"
+        )
         require(8 <= self.key_bytes <= 32, "key_bytes", "must be in [8, 32]")
         require(self.max_restarts >= -1, "max_restarts", "must be >= -1 (-1: unlimited)")
 
@@ -151,7 +163,9 @@ class _Worker:
 class PrefixIndex:
     """See the module docstring. Not thread-safe: the actor serializes calls."""
 
-    def __init__(self, config: DirectoryConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, config: DirectoryConfig, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.config = config
         self._clock = clock
         self._epoch = clock()
@@ -161,7 +175,9 @@ class PrefixIndex:
         self._next_root = 0
         self._workers: dict[str, _Worker] = {}
         self._by_idx: dict[int, _Worker] = {}
-        self._deadlines: dict[int, float] = {}  # worker_idx -> lease deadline (only registered ones)
+        self._deadlines: dict[
+            int, float
+        ] = {}  # worker_idx -> lease deadline (only registered ones)
         self._next_worker = 0
         self._entries = 0
         self._holder_records = 0
@@ -170,8 +186,9 @@ class PrefixIndex:
 
     # -- workers ---------------------------------------------------------------------------------
     def heartbeat(self, worker_id: str, identity: ModelIdentity, now: float | None = None) -> bool:
-        """Renew ``worker_id``'s lease. Returns True when the worker must re-publish all its blocks: it was
-        unknown (new, lease lapsed, or the directory restarted) or its identity changed (old entries purged)."""
+        """Renew ``worker_id``'s lease. Returns True when the worker must re-publish all its blocks:
+        it was unknown (new, lease lapsed, or the directory restarted) or its identity changed (old
+        entries purged)."""
         now = self._clock() if now is None else now
         worker = self._workers.get(worker_id)
         if worker is not None and worker.deadline <= now:
@@ -226,9 +243,11 @@ class PrefixIndex:
         return tenant
 
     # -- publishing ------------------------------------------------------------------------------
-    def publish(self, worker_id: str, events: Iterable[CacheEvent], now: float | None = None) -> int:
-        """Apply a batch of a worker's cache events; returns how many were applied. Events of a worker
-        without a live lease are rejected (it must heartbeat first, then re-publish)."""
+    def publish(
+        self, worker_id: str, events: Iterable[CacheEvent], now: float | None = None
+    ) -> int:
+        """Apply a batch of a worker's cache events; returns how many were applied. Events of a
+        worker without a live lease are rejected (it must heartbeat first, then re-publish)."""
         now = self._clock() if now is None else now
         worker = self._workers.get(worker_id)
         events = list(events)
@@ -261,7 +280,9 @@ class PrefixIndex:
             self._enforce_global_cap()
         return applied
 
-    def _store(self, worker: _Worker, namespace: str, block_hash: bytes, tier: int, now_ms: int) -> None:
+    def _store(
+        self, worker: _Worker, namespace: str, block_hash: bytes, tier: int, now_ms: int
+    ) -> None:
         root_idx = self._root_idx(worker, namespace)
         tenant = self._tenant(namespace)
         entries = tenant.entries
@@ -347,8 +368,8 @@ class PrefixIndex:
     def _drop_in_tenant(
         self, tenant: _Tenant, worker_idxs: set[int], root_idx: int | None = None
     ) -> int:
-        """Remove the given workers as holders (all holders when ``worker_idxs`` is empty and a root is given,
-        restricted to that root when given); returns holder records removed."""
+        """Remove the given workers as holders (all holders when ``worker_idxs`` is empty and a root
+        is given, restricted to that root when given); returns holder records removed."""
         if worker_idxs and not any(tenant.held.get(w) for w in worker_idxs):
             return 0
         removed = 0
@@ -373,7 +394,7 @@ class PrefixIndex:
         return sum(self._drop_in_tenant(t, worker_idxs) for t in list(self._tenants.values()))
 
     def sweep(self, now: float | None = None) -> int:
-        """Remove the entries of every worker whose lease ran out; returns holder records removed."""
+        """Remove the entries of every worker whose lease ran out; returns records removed."""
         now = self._clock() if now is None else now
         self._last_sweep = now
         dead = [w for w in self._workers.values() if w.deadline <= now]
@@ -393,8 +414,8 @@ class PrefixIndex:
         return self.sweep(now)
 
     def purge(self, namespace: str | None = None, identity_root: bytes | None = None) -> int:
-        """Admin invalidation: everything (no arguments), one tenant, or one identity root (which names its
-        tenant). Returns holder records removed; workers keep their leases."""
+        """Admin invalidation: everything (no arguments), one tenant, or one identity root (which
+        names its tenant). Returns holder records removed; workers keep their leases."""
         removed = 0
         if identity_root is not None:
             known = self._roots.get(identity_root)
@@ -425,8 +446,9 @@ class PrefixIndex:
         *,
         touch: bool = True,
     ) -> dict[str, int]:
-        """worker_id -> number of leading blocks of ``block_hashes`` (a chain from ``root``) that the worker holds.
-        Workers whose lease ran out are skipped. ``touch`` marks the matched blocks recently used."""
+        """worker_id -> number of leading blocks of ``block_hashes`` (a chain from ``root``) that
+        the worker holds. Workers whose lease ran out are skipped. ``touch`` marks the matched
+        blocks recently used."""
         known = self._roots.get(root)
         if known is None:
             return {}
@@ -477,7 +499,8 @@ class PrefixIndex:
         return {self._by_idx[w].worker_id: n for w, n in result.items() if n > 0}
 
     def lookup(self, root: bytes, block_hash: bytes) -> dict[str, tuple[str, float]]:
-        """worker_id -> (tier, last_use seconds on the index clock) for one block; for tests and debugging."""
+        """worker_id -> (tier, last_use seconds on the index clock) for one block; for tests and
+        debugging."""
         known = self._roots.get(root)
         tenant = self._tenants.get(known[1]) if known else None
         value = tenant.entries.get(block_hash[: self._kb]) if tenant else None

@@ -1,13 +1,14 @@
 """Content identities of a tokenizer and a model, the inputs of every KV block hash chain's root.
 
-``tokenizer_hash`` and ``model_fingerprint`` are SHA-256 hex digests of *content*, never of paths, object ids or
-Python's salted ``hash()``: two processes (or hosts) that load the same files get the same strings, and any change
-that could change a token id or a KV value changes them. Both end up in ``CacheIdentity`` (``block_hash.py``), so a
-rolling update's old and new versions can never share a cached block.
+``tokenizer_hash`` and ``model_fingerprint`` are SHA-256 hex digests of *content*, never of paths,
+object ids or Python's salted ``hash()``: two processes (or hosts) that load the same files get the
+same strings, and any change that could change a token id or a KV value changes them. Both end up in
+``CacheIdentity`` (``block_hash.py``), so a rolling update's old and new versions can never share a
+cached block.
 
-Weight digests are expensive (GBs), so each file's SHA-256 is cached in a small JSON beside the model, keyed by
-(name, size, mtime_ns), and recomputed when any of the three changes. When the model's folder is not writable the
-cache lives under ``~/.cache/baton/fingerprints/``.
+Weight digests are expensive (GBs), so each file's SHA-256 is cached in a small JSON beside the
+model, keyed by (name, size, mtime_ns), and recomputed when any of the three changes. When the
+model's folder is not writable the cache lives under ``~/.cache/baton/fingerprints/``.
 """
 
 from __future__ import annotations
@@ -84,9 +85,10 @@ def _saved_files_json(tokenizer: Any) -> dict[str, Any]:
 def tokenizer_hash(tokenizer: Any) -> str:
     """SHA-256 hex over a tokenizer's canonical content.
 
-    Covers the backend JSON (vocab, merges, added/special tokens, normalizer, pre-tokenizer, post-processor,
-    decoder), the chat template, the special-tokens map and the Python-side flags that change ids. Accepts an HF
-    fast tokenizer, a bare ``tokenizers.Tokenizer``, or (fallback) any tokenizer with ``save_pretrained``.
+    Covers the backend JSON (vocab, merges, added/special tokens, normalizer, pre-tokenizer,
+    post-processor, decoder), the chat template, the special-tokens map and the Python-side flags
+    that change ids. Accepts an HF fast tokenizer, a bare ``tokenizers.Tokenizer``, or (fallback)
+    any tokenizer with ``save_pretrained``.
     """
     h = hashlib.sha256(b"baton-tokenizer-v1")
     backend = _backend_json(tokenizer)
@@ -119,7 +121,7 @@ def default_fingerprint_cache_dir() -> Path:
 
 
 def _weight_files(model_path: Path) -> tuple[Path, list[Path]]:
-    """(folder holding the digest cache, weight files); a single file (e.g. one GGUF) is its own list."""
+    """(folder holding the digest cache, weight files); a single file (one GGUF) is its own list."""
     if model_path.is_file():
         return model_path.parent, [model_path]
     files = [
@@ -170,9 +172,11 @@ def _store_cache(paths: tuple[Path, Path], files: dict[str, dict[str, Any]]) -> 
     return None  # read-only everywhere: digests are recomputed next time, still correct
 
 
-def file_digests(model_path: str | os.PathLike[str], *, cache_dir: Path | None = None) -> dict[str, str]:
-    """SHA-256 hex of each weight file (relative name -> digest), served from the on-disk cache when the file's
-    (size, mtime_ns) still match the cached record."""
+def file_digests(
+    model_path: str | os.PathLike[str], *, cache_dir: Path | None = None
+) -> dict[str, str]:
+    """SHA-256 hex of each weight file (relative name -> digest), served from the on-disk cache when
+    the file's (size, mtime_ns) still match the cached record."""
     folder, files = _weight_files(Path(model_path))
     locations = _cache_locations(folder, cache_dir or default_fingerprint_cache_dir())
     cached = _load_cache(locations)
@@ -190,13 +194,14 @@ def file_digests(model_path: str | os.PathLike[str], *, cache_dir: Path | None =
         fresh[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
         changed = True
     if changed:
-        # Keep records of files of the same folder we were not asked about (another file of a GGUF folder).
+        # Keep records of files of the same folder we were not asked about (another file of a GGUF
+        # folder).
         _store_cache(locations, {**cached, **fresh})
     return {name: rec["sha256"] for name, rec in fresh.items()}
 
 
 def canonical_config(model_path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """config.json without save-time bookkeeping keys; None when there is none (e.g. a bare GGUF file)."""
+    """config.json without save-time bookkeeping keys; None when there is none (a bare GGUF)."""
     path = Path(model_path)
     config = path / "config.json" if path.is_dir() else None
     if config is None or not config.is_file():
@@ -214,9 +219,10 @@ def model_fingerprint(
 ) -> str:
     """SHA-256 hex over the canonical config.json and the weight files' digests (by relative name).
 
-    ``revision`` (an immutable hub commit) stands in for the weight digests. ``dummy_seed`` marks a model run with
-    random weights: the fingerprint covers config + "dummy" + seed, so two runs with the same seed share blocks
-    and a real checkpoint never does. A folder without config.json or weights is an error, not an empty hash.
+    ``revision`` (an immutable hub commit) stands in for the weight digests. ``dummy_seed`` marks a
+    model run with random weights: the fingerprint covers config + "dummy" + seed, so two runs with
+    the same seed share blocks and a real checkpoint never does. A folder without config.json or
+    weights is an error, not an empty hash.
     """
     path = Path(model_path)
     if not path.exists():

@@ -1,6 +1,6 @@
-"""The prefix directory as a real detached Ray actor: two workers publish, a routed query finds A's blocks, A's
-entries vanish within its lease once it stops heart-beating, a model update purges and is counted, an admin purge
-works, and a restarted directory asks workers to re-publish."""
+"""The prefix directory as a real detached Ray actor: two workers publish, a routed query finds A's
+blocks, A's entries vanish within its lease once it stops heart-beating, a model update purges and
+is counted, an admin purge works, and a restarted directory asks workers to re-publish."""
 
 from __future__ import annotations
 
@@ -74,7 +74,8 @@ def test_publish_query_lease_and_identity(directory: Any) -> None:
     assert answer == {"B": 3}
     assert time.monotonic() - start <= LEASE_S + 1.0
 
-    # Rolling update: B loads model v2. Its v1 blocks are purged (and counted); v2 shares nothing with v1.
+    # Rolling update: B loads model v2. Its v1 blocks are purged (and counted); v2 shares nothing
+    # with v1.
     stats = call(directory.stats.remote())
     assert call(directory.heartbeat.remote("B", V2)) is True
     after = call(directory.stats.remote())
@@ -103,7 +104,8 @@ def test_admin_purge_and_restart(directory: Any, capsys: pytest.CaptureFixture[s
     assert "t2" not in call(directory.stats.remote())["tenants"]
     assert get_directory(CONFIG)._actor_id == directory._actor_id
 
-    # A crash restarts the actor (max_restarts=1) with an empty table: the next heartbeat asks to re-publish.
+    # A crash restarts the actor (max_restarts=1) with an empty table: the next heartbeat asks to
+    # re-publish.
     started = call(directory.stats.remote())["started_unix"]
     ray.kill(directory, no_restart=False)
     deadline = time.monotonic() + TIMEOUT

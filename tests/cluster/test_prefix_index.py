@@ -1,4 +1,5 @@
-"""PrefixIndex without Ray: LRU, quotas, leases on a fake clock, purges, identity changes, isolation."""
+"""PrefixIndex without Ray: LRU, quotas, leases on a fake clock, purges, identity changes, isolation
+between tenants, and a reference-model property test."""
 
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ def test_lookup_reports_tier_and_last_use() -> None:
 
 
 def test_tenants_never_see_each_other() -> None:
-    """The side channel: same text, same model, different tenants -> no hash and no answer in common."""
+    """The side channel: same text and model, different tenants -> no hash, no answer in common."""
     index, _ = make()
     tokens = list(range(5, 5 + 16 * 14))  # a 220-ish token shared system prompt
     root_a, ha = chain(V1, "tenant-a", tokens)
@@ -217,7 +218,7 @@ def test_cleared_event_drops_one_namespace_or_all() -> None:
 
 
 def test_seed_003_shared_system_prompt() -> None:
-    """Two products of one namespace share a 220-token system prompt and hit; a third tenant does not."""
+    """Two products of one namespace share a 220-token system prompt and hit; tenant 3 misses."""
     index, _ = make()
     system = [(7 * i + 3) % 5000 for i in range(220)]
     product_1 = system + [11, 12, 13] * 10
@@ -242,7 +243,7 @@ def test_config_errors_name_the_field() -> None:
 
 
 def test_tables_stay_invisible_to_the_cyclic_gc() -> None:
-    """Query latency depends on it: a GC-tracked 1M-entry table makes every full collection walk it."""
+    """Query latency needs it: each full collection would walk a GC-tracked 1M-entry table."""
     import gc
 
     index, _ = make()
