@@ -27,7 +27,7 @@ protos: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/baton serve $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) deploy-check
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 deploy-check: $(STAMP)
