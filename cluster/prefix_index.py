@@ -458,27 +458,32 @@ class PrefixIndex:
             return {}
         now = self._clock() if now is None else now
         entries, kb, deadlines = tenant.entries, self._kb, self._deadlines
+        get, shift = entries.get, _ROOT_BITS + _WORKER_SHIFT
         result: dict[int, int] = {}
         candidates: set[int] | None = None  # workers holding every block so far
-        matched = 0
+        sole = -1  # when >= 0: candidates == {sole}, already checked alive
+        keys: list[bytes] = []  # matched blocks, root first
         for i, block_hash in enumerate(block_hashes):
             key = block_hash[:kb]
-            value = entries.get(key)
+            value = get(key)
             if value is None or value & _ROOT_MASK != root_idx:
                 break
             if value < _SINGLE_LIMIT:  # the common case: one holder, no allocation
-                widx = (value >> (_ROOT_BITS + _WORKER_SHIFT)) & _WORKER_MASK
-                if deadlines.get(widx, 0.0) <= now:
-                    break
-                if candidates is None:
-                    candidates = {widx}
-                elif widx not in candidates:
-                    break
-                elif len(candidates) > 1:
-                    for other in candidates - {widx}:
-                        result[other] = i
-                    candidates = {widx}
+                widx = (value >> shift) & _WORKER_MASK
+                if widx != sole:
+                    if deadlines.get(widx, 0.0) <= now:
+                        break
+                    if candidates is None:
+                        candidates = {widx}
+                    elif widx not in candidates:
+                        break
+                    elif len(candidates) > 1:
+                        for other in candidates - {widx}:
+                            result[other] = i
+                        candidates = {widx}
+                    sole = widx
             else:
+                sole = -1
                 holders = {
                     _worker(s) for s in _slots(value) if deadlines.get(_worker(s), 0.0) > now
                 }
@@ -490,11 +495,14 @@ class PrefixIndex:
                     candidates &= holders
                 if not candidates:
                     break
-            if touch:
-                entries[key] = entries.pop(key)
-            matched = i + 1
+            keys.append(key)
         for widx in candidates or ():
-            result[widx] = matched
+            result[widx] = len(keys)
+        if touch:
+            # Deepest first, so ancestors end up more recent than descendants: LRU eviction then
+            # takes a chain from its leaf end and never strands a tail behind an evicted root.
+            for key in reversed(keys):
+                entries[key] = entries.pop(key)
         self.counters["queries"] += 1
         return {self._by_idx[w].worker_id: n for w, n in result.items() if n > 0}
 

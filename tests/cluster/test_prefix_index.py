@@ -116,6 +116,21 @@ def test_lru_within_tenant_quota() -> None:
     index.check_integrity()
 
 
+def test_query_touch_makes_eviction_take_chains_from_the_leaf_end() -> None:
+    index, _ = make(default_tenant_quota=6)
+    index.heartbeat("A", V1)
+    root, hashes = chain(V1, "t", list(range(16 * 4)))
+    _, other = chain(V1, "t", list(range(1000, 1000 + 16 * 2)))
+    index.publish("A", stored("t", hashes))
+    index.publish("A", stored("t", other))
+    assert index.longest_prefix(root, hashes) == {"A": 4}  # touches all four
+    _, newer = chain(V1, "t", list(range(2000, 2000 + 16 * 4)))
+    index.publish("A", stored("t", newer))  # 4 over quota: `other` (2) and then the leaf end
+    assert index.longest_prefix(root, hashes, touch=False) == {"A": 2}
+    assert index.lookup(root, hashes[3]) == {} and index.lookup(root, hashes[2]) == {}
+    index.check_integrity()
+
+
 def test_global_cap_takes_from_tenant_furthest_over_share() -> None:
     index, _ = make(max_entries=10, default_tenant_quota=100)
     index.heartbeat("A", V1)
