@@ -78,12 +78,12 @@ def run(args: argparse.Namespace) -> int:
     conf = ServeConfig.model_validate(cfg)
     ray.init(address=args.address, namespace="baton", ignore_reinit_error=True,
              log_to_driver=True)
+    pools = None
     if resolve_mode(conf) == "disaggregated":
-        from baton.cluster import pools  # type: ignore[attr-defined]
+        from baton.cluster.pools import start_pools
+        from baton.router.cluster_adapter import pool_config
 
-        start = getattr(pools, "start_pools", None)
-        if start is not None:
-            start(conf)
+        pools = start_pools(pool_config(conf, args.address))
     serve.start(http_options={"host": conf.server.host, "port": conf.server.port})
     serve.run(build_app(cfg), name="baton", route_prefix="/")
     s = conf.server
@@ -94,5 +94,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     stop.wait()
     serve.shutdown()
+    if pools is not None:
+        pools.stop()
     ray.shutdown()
     return 0

@@ -30,14 +30,10 @@ def resolve_mode(config: ServeConfig) -> str:
 
 
 async def _cluster_client(config: ServeConfig) -> EngineClient:
-    """The Ray pools' client (``cluster/client.py``), started with this config's pools."""
-    from baton.cluster.client import ClusterClient  # type: ignore[import-not-found]
+    """The Ray pools (started by ``baton serve`` or the operator), discovered by their actor names."""
+    from baton.router.cluster_adapter import ClusterEngineClient
 
-    make = getattr(ClusterClient, "from_serve_config", None)
-    client = make(config) if make is not None else ClusterClient(config)
-    if asyncio.iscoroutine(client):
-        client = await client
-    return client  # type: ignore[no-any-return]
+    return await ClusterEngineClient.discover(config)
 
 
 def _directory() -> Any | None:

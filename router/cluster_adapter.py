@@ -1,0 +1,95 @@
+"""``ClusterEngineClient``: the cluster's ``ClusterClient`` (Ray prefill/decode pools) behind ``EngineClient``.
+
+The cluster client speaks its own dialect (a ``RoutingHint``, health and stats as per-worker dicts); this thin
+shell translates, so the router core stays ignorant of Ray. ``pool_config`` maps the one ``ServeConfig`` onto the
+pools' ``PoolConfig``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from baton.cluster.messages import GenerateDelta, GenerateRequest
+from baton.cluster.serve_config import ServeConfig
+from baton.router.client_protocol import Route, WorkerLoad
+
+log = logging.getLogger(__name__)
+
+
+def pool_config(config: ServeConfig, address: str | None = None) -> Any:
+    from baton.cluster.pool_config import PoolConfig
+
+    p = config.pools
+    extra: dict[str, Any] = {}
+    if p.short_prompt_tokens:
+        extra["disagg_threshold_tokens"] = p.short_prompt_tokens
+    return PoolConfig(
+        engine=config.engine_config(), num_prefill=p.prefill.replicas, num_decode=p.decode.replicas,
+        num_gpus_per_worker=max(p.prefill.num_gpus, p.decode.num_gpus),
+        num_cpus_per_worker=max(p.prefill.num_cpus, p.decode.num_cpus), transport=p.transport,
+        address=address, **extra)
+
+
+class ClusterEngineClient:
+    def __init__(self, cluster: Any) -> None:
+        self.cluster = cluster
+
+    @classmethod
+    async def discover(cls, config: ServeConfig) -> ClusterEngineClient:
+        from baton.cluster.client import ClusterClient
+
+        return cls(await ClusterClient.discover(pool_config(config)))
+
+    async def generate(self, request: GenerateRequest, route: Route | None = None
+                       ) -> AsyncIterator[GenerateDelta]:
+        from baton.cluster.client import RoutingHint
+
+        hint = RoutingHint(route.prefill_worker, route.decode_worker) if route else None
+        agen = self.cluster.generate(request, hint)
+        try:
+            async for delta in agen:
+                yield delta
+        finally:
+            await agen.aclose()
+
+    async def abort(self, request_id: str) -> None:
+        await self.cluster.abort(request_id)
+
+    async def health(self) -> bool:
+        alive = await self.cluster.health()
+        return bool(alive) and all(alive.values())
+
+    async def stats(self) -> list[WorkerLoad]:
+        got = await self.cluster.stats()
+        infos = self.cluster.workers()
+        loads = []
+        for wid, s in got.items():
+            info = infos.get(wid)
+            role = s.role if s is not None else (info.kind if info else "decode")
+            if s is None:
+                loads.append(WorkerLoad(wid, role, False))
+                continue
+            loads.append(WorkerLoad(
+                wid, role, True, num_running=s.num_running, num_waiting=s.num_waiting,
+                kv_usage=s.kv_usage, num_total_blocks=s.num_total_blocks,
+                num_free_blocks=s.num_free_blocks, block_size=s.block_size))
+        return loads
+
+    async def check_integrity(self) -> str | None:
+        errors = []
+        for wid, (_, actor) in list(self.cluster._workers.items()):
+            try:
+                await asyncio.wait_for(actor.check_integrity.remote(), 10)
+            except Exception as exc:  # noqa: BLE001 - reported, not raised
+                errors.append(f"{wid}: {exc}")
+        return "; ".join(errors) or None
+
+    async def reset_prefix_cache(self, namespace: str | None = None) -> int:
+        log.warning("pool workers expose no reset_prefix_cache yet; only the directory was purged")
+        return 0
+
+    async def close(self) -> None:
+        return None
