@@ -51,8 +51,16 @@ def run_baton(model_dir: Path, prompts, max_tokens: int, backend: str) -> dict:
 def run_hf_generate_batch(model_dir: Path, prompts, max_tokens: int) -> dict:
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16,
-                                                 attn_implementation="sdpa_paged").cuda().eval()
+    model, err = None, None
+    for impl in ("paged|sdpa", "sdpa_paged"):  # the name changed across transformers 5.x releases
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16,
+                                                         attn_implementation=impl).cuda().eval()
+            break
+        except ValueError as exc:
+            err = exc
+    if model is None:
+        raise err  # type: ignore[misc]
     cfg = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=-1,
                            pad_token_id=0, use_cuda_graph=False)
     model.generate_batch(inputs=prompts[:8], generation_config=cfg, max_new_tokens=4)
@@ -62,7 +70,7 @@ def run_hf_generate_batch(model_dir: Path, prompts, max_tokens: int) -> dict:
     torch.cuda.synchronize()
     dt = time.perf_counter() - t
     n_out = sum(len(r.generated_tokens) for r in res.values())
-    return dict(system="transformers generate_batch (sdpa_paged)", seconds=dt, output_tokens=n_out,
+    return dict(system=f"transformers generate_batch ({model.config._attn_implementation})", seconds=dt, output_tokens=n_out,
                 output_tokens_per_s=n_out / dt)
 
 

@@ -19,6 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 # bf16 tolerance on prompt logprobs (log-softmax over 128k vocab at every prompt position):
 BF16_MEAN_ABS = 0.05
 BF16_MAX_ABS = 0.6
+# Random weights give near-uniform logits; where HF's own top-2 margin is below bf16 resolution the argmax is
+# a coin toss for any two bf16 implementations (HF vs HF with another attention kernel included).
+BF16_TIE_MARGIN = 0.03
 
 
 @pytest.fixture(autouse=True)
@@ -58,18 +61,24 @@ def test_bf16_llama_1b_shapes_agree_with_hf(tmp_path_factory):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(10, 128000, (n,), generator=g).tolist() for n in (5, 17, 64, 200, 333, 511)]
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
-    hf_first, hf_lp = [], []
+    hf_first, hf_lp, hf_margin = [], [], []
     with torch.no_grad():
         for p in prompts:
             logits = hf(torch.tensor([p], device="cuda")).logits[0].float()
             hf_first.append(int(logits[-1].argmax()))
+            top2 = logits[-1].topk(2).values
+            hf_margin.append(float(top2[0] - top2[1]))
             hf_lp.append(torch.log_softmax(logits, -1))
     del hf
     torch.cuda.empty_cache()
     llm = LLM(str(model_dir), device="cuda", dtype="bfloat16", skip_tokenizer_init=True,
               gpu_memory_utilization=0.5)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
-    assert [o.outputs[0].token_ids[0] for o in outs] == hf_first
+    ours = [o.outputs[0].token_ids[0] for o in outs]
+    print(f"\n[bf16 1B] first tokens ours={ours} hf={hf_first} hf_top2_margins={hf_margin}")
+    for mine, theirs, margin in zip(ours, hf_first, hf_margin):
+        assert mine == theirs or margin < BF16_TIE_MARGIN, (mine, theirs, margin)
+    assert sum(m == t for m, t in zip(ours, hf_first)) >= len(prompts) - 1
     # Prompt logprobs: a full prefill of each prompt through our model over a scratch region of the cache.
     eng = llm.engine
     diffs_mean, diffs_max = [], []
