@@ -5,10 +5,22 @@ request stops after its first token and holds its blocks (``export_kv`` then ``r
 inserts it with ``add_prefilled_request`` (KV copied into fresh blocks) or, when the KV is missing or does not
 fit, recomputes the prefill itself. One step: ``schedule() -> SchedulerOutput`` -> ``runner.execute`` ->
 ``sample`` -> ``scheduler.update`` -> stop checks and detokenization -> ``RequestOutput`` deltas.
+
+Optional, by config: swap preemption (``workers/swap.py``), speculative decoding with verification in the
+same forward pass (``workers/spec_decode.py``; a step may then emit several tokens per request), and
+sink-window KV eviction (``CacheConfig.kv_eviction``). Eviction keeps ORIGINAL positions: every attention
+layer gets ``sliding_window=eviction_window`` and ``num_sink_tokens`` (combined with a model's own window),
+so a sequence is exactly what the model computes under a StreamingLLM mask; the evicted blocks are simply
+never read. Re-rotating keys to cache positions would let positions stay small, but it breaks the prefix
+cache (a block's keys would depend on how much was evicted) and needs a RoPE pass over the cache each step.
+Consequence: the total length stays bounded by ``max_model_len``; the KV memory is what eviction bounds.
+A request may opt out with ``SamplingParams(extra={"kv_eviction": "none"})``: it must then fit in the
+window (where the mask is exact) or it gets the context error with the window as its limit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -17,7 +29,7 @@ from typing import Any, Sequence
 
 import torch
 
-from baton.kernels.attention import get_backend
+from baton.kernels.attention import LayerAttentionParams, get_backend
 from baton.workers.block_hash import CacheIdentity
 from baton.workers.block_pool import BlockPool
 from baton.workers.cache_events import CacheEvent
@@ -26,9 +38,11 @@ from baton.workers.detokenizer import IncrementalDetokenizer
 from baton.workers.model_runner import ModelRunner, block_bytes, kv_cache_dtype_for
 from baton.workers.outputs import CompletionOutput, RequestOutput
 from baton.workers.request import Request, RequestStatus
-from baton.workers.sampler import SamplingRow, sample
+from baton.workers.sampler import SamplingRow, sample, verify
 from baton.workers.sampling_params import SamplingParams
-from baton.workers.scheduler import Scheduler, SchedulerStats
+from baton.workers.scheduler import EvictionPolicy, Scheduler, SchedulerStats
+from baton.workers.spec_decode import DraftQuery, SpecDecoder
+from baton.workers.swap import HostBlockAllocator, SwapSpace, SwapStats
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +70,23 @@ class EngineStats:
     prefix_hits: int
     prompt_tokens_computed: int
     kv_bytes_received: int
+    # swap preemption
+    num_swap_preemptions: int = 0
+    swap_host_blocks: int = 0
+    swap_host_blocks_free: int = 0
+    swapped_out_blocks: int = 0
+    swapped_in_blocks: int = 0
+    swap_out_bytes: int = 0
+    swap_in_bytes: int = 0
+    swap_out_seconds: float = 0.0
+    swap_in_seconds: float = 0.0
+    # sink-window eviction
+    evicted_blocks: int = 0
+    # speculative decoding
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_verify_steps: int = 0
+    spec_active: bool = False
 
 
 def resolve_device(name: str) -> torch.device:
@@ -119,14 +150,32 @@ class EngineCore:
         self.model_fingerprint = identity.model_fingerprint(
             model_path, dummy_seed=config.seed if config.load_format == "dummy" else None
         )
+        salt = config.cache.cache_salt
+        if config.cache.kv_eviction != "none":  # KV computed under a window mask differs
+            c = config.cache
+            salt += f"|kv_eviction={c.kv_eviction}:{c.num_sink_tokens}:{c.eviction_window}"
         self.identity = CacheIdentity(
             config.cache.namespace,
             self.tokenizer_hash,
             self.model_fingerprint,
             str(self.kv_dtype).removeprefix("torch."),
-            config.cache.cache_salt,
+            salt,
         )
-        self.scheduler = Scheduler(config.scheduler, self.pool, self.identity, self.max_model_len)
+        self.eviction = self._setup_eviction()
+        self.swap: SwapSpace | None = None
+        host_pool = None
+        if config.cache.swap_space_bytes > 0:
+            host_blocks = config.cache.swap_space_bytes // block_bytes(self.spec, bs, self.kv_dtype)
+            if host_blocks > 0:
+                self.swap = SwapSpace(self.runner, host_blocks)
+                host_pool = HostBlockAllocator(host_blocks)
+        self.scheduler = Scheduler(
+            config.scheduler, self.pool, self.identity, self.max_model_len,
+            eviction=self.eviction, host_pool=host_pool,
+        )
+        self.spec_decoder = (
+            SpecDecoder(config.speculative) if config.speculative is not None else None
+        )
         tok_eos = getattr(self.tokenizer, "eos_token_id", None)
         self.eos_token_ids = frozenset(self.spec.eos_token_ids) | ({tok_eos} if tok_eos is not None else set())
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
@@ -138,6 +187,30 @@ class EngineCore:
             "engine %s: model=%s device=%s backend=%s blocks=%d x %d tokens kv_dtype=%s",
             worker_id, model_path, self.device, backend_name, num_blocks - 1, bs, self.kv_dtype,
         )
+
+    def _setup_eviction(self) -> EvictionPolicy | None:
+        """Mask every attention layer to sinks + window; check the bounded KV fits the pool."""
+        cache = self.config.cache
+        if cache.kv_eviction == "none":
+            return None
+        policy = EvictionPolicy(cache.num_sink_tokens, cache.eviction_window, cache.block_size)
+        sched = self.config.scheduler
+        chunk = sched.long_prefill_token_threshold or sched.max_num_batched_tokens
+        if policy.max_blocks(chunk) > self.pool.num_usable:
+            raise ValueError(
+                f"invalid engine config cache.eviction_window={cache.eviction_window}: sinks + window "
+                f"+ one chunk of {chunk} tokens need {policy.max_blocks(chunk)} blocks, the pool has "
+                f"{self.pool.num_usable}"
+            )
+        for module in self.model.modules():
+            params = getattr(module, "params", None)
+            if isinstance(params, LayerAttentionParams):
+                own = params.sliding_window
+                window = cache.eviction_window if own is None else min(own, cache.eviction_window)
+                module.params = dataclasses.replace(
+                    params, sliding_window=window, num_sink_tokens=cache.num_sink_tokens
+                )
+        return policy
 
     # -- sizing -----------------------------------------------------------------------------------
     def _num_blocks(self, per_block: int) -> int:
@@ -169,7 +242,21 @@ class EngineCore:
             raise ValueError("prompt is empty: at least one token is needed")
         if n + params.max_tokens > self.max_model_len:
             raise ContextLengthError(n, params.max_tokens, self.max_model_len)
+        mode = params.extra.get("kv_eviction") if params.extra else None
+        if mode not in (None, "none", "sink_window"):
+            raise ValueError(f"invalid sampling parameter kv_eviction={mode!r}: none or sink_window")
+        if mode == "sink_window" and self.eviction is None:
+            raise ValueError(
+                "kv_eviction=sink_window needs an engine started with "
+                "CacheConfig(kv_eviction='sink_window') (the attention mask is engine-wide)"
+            )
         capacity = self.pool.num_usable * self.pool.block_size
+        if self.eviction is not None:
+            if mode == "none" and n + params.max_tokens > self.eviction.window:
+                # Beyond the window this engine's mask is no longer exact: refuse, never truncate.
+                raise ContextLengthError(n, params.max_tokens, self.eviction.window)
+            if mode != "none":
+                capacity = self.max_model_len  # KV is bounded by eviction (checked at start-up)
         if n + params.max_tokens > capacity:
             raise ValueError(
                 f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the KV cache capacity "
@@ -217,6 +304,7 @@ class EngineCore:
             prefill_only=prefill_only,
             generator=gen,
         )
+        req.exact_context = self.eviction is not None and (params.extra or {}).get("kv_eviction") == "none"
         if self.tokenizer is not None:
             self._detok[request_id] = IncrementalDetokenizer.start(
                 self.tokenizer, req.prompt_token_ids, params
@@ -270,6 +358,8 @@ class EngineCore:
         if req.status is RequestStatus.PREFILLED:
             return self.scheduler.release_held(request_id)
         done = self.scheduler.finish(request_id, RequestStatus.FINISHED_ABORTED)
+        if self.spec_decoder is not None:
+            self.spec_decoder.forget(request_id)
         if done is not None:
             self._pending.append(self._output(done, finished=True))
             self._detok.pop(request_id, None)
@@ -295,69 +385,147 @@ class EngineCore:
 
     def step(self) -> list[RequestOutput]:
         outputs, self._pending = self._pending, []
+        if self.spec_decoder is not None:
+            self._draft()
         sched = self.scheduler.schedule()
+        if self.swap is not None:  # outs first: they read blocks that swap-ins may overwrite
+            for op in sched.swap_out:
+                self.swap.swap_out(op)
+            for op in sched.swap_in:
+                self.swap.swap_in(op)
         if sched.empty:
             return outputs
-        logits = self.runner.execute(sched)
-        sampling = [self.scheduler.requests[c.request_id] for c in sched.chunks if c.sample]
+        logits = self.runner.execute(sched)  # [sum over sampling chunks of 1 + num_draft, V]
+        sampling = [c for c in sched.chunks if c.sample]
         for c in sched.chunks:
             req = self.scheduler.requests[c.request_id]
             if c.start < req.num_prompt_tokens:
                 self.prompt_tokens_computed += min(c.start + c.num_tokens, req.num_prompt_tokens) - c.start
-        rows = [self._row(r) for r in sampling]
-        tokens, logprobs = sample(logits, rows, self.generator)
-        for req, lp in zip(sampling, logprobs):
-            if lp is not None:
-                req.logprobs.append(lp)
-        touched = self.scheduler.update(sched, {r.request_id: t for r, t in zip(sampling, tokens)})
+        new_tokens = self._sample(logits, sampling)
+        touched = self.scheduler.update(sched, new_tokens)
         for req in touched:
-            out = self._after_token(req)
+            out = self._after_tokens(req, len(new_tokens[req.request_id]))
             if out is not None:
                 outputs.append(out)
+        if self.spec_decoder is not None:
+            for c in sampling:
+                if c.num_draft:
+                    self.spec_decoder.observe(
+                        c.request_id, c.num_draft, len(new_tokens[c.request_id]) - 1
+                    )
+            for out in outputs:
+                if out.finished:
+                    self.spec_decoder.forget(out.request_id)
         return outputs
 
-    def _row(self, req: Request) -> SamplingRow:
+    def _sample(self, logits: torch.Tensor, chunks: list[Any]) -> dict[str, list[int]]:
+        """Plain rows through ``sample`` in one batch; chunks with drafts through ``verify``."""
+        reqs = [self.scheduler.requests[c.request_id] for c in chunks]
+        offsets, off = [], 0
+        for c in chunks:
+            offsets.append(off)
+            off += 1 + c.num_draft
+        plain = [i for i, c in enumerate(chunks) if not c.num_draft]
+        out: dict[str, list[int]] = {}
+        if plain:
+            rows_logits = logits if len(plain) == off else logits[[offsets[i] for i in plain]]
+            tokens, logprobs = sample(rows_logits, [self._row(reqs[i]) for i in plain], self.generator)
+            for i, t, lp in zip(plain, tokens, logprobs):
+                out[reqs[i].request_id] = [t]
+                if lp is not None:
+                    reqs[i].logprobs.append(lp)
+        for i, c in enumerate(chunks):
+            if not c.num_draft:
+                continue
+            req, draft = reqs[i], list(c.token_ids[-c.num_draft :])
+            rows = [self._row(req, draft[:j]) for j in range(c.num_draft + 1)]
+            block = logits[offsets[i] : offsets[i] + c.num_draft + 1]
+            tokens, logprobs = verify(block, rows, draft, self.generator)
+            out[req.request_id] = tokens
+            req.logprobs.extend(lp for lp in logprobs if lp is not None)
+        return out
+
+    def _draft(self) -> None:
+        """Ask the proposer for drafts for every decoding request (the scheduler fits them in)."""
+        assert self.spec_decoder is not None
+        k_max = self.spec_decoder.config.k
+        reqs, queries = [], []
+        for req in self.scheduler.running:
+            if (
+                req.status is not RequestStatus.RUNNING
+                or req.prefill_only
+                or not req.output_token_ids
+                or req.num_tokens - req.num_computed_tokens != 1
+            ):
+                continue
+            k = min(
+                k_max,
+                req.params.max_tokens - req.num_output_tokens - 1,
+                self.max_model_len - req.num_tokens - 1,
+            )
+            if k > 0:
+                reqs.append(req)
+                queries.append(
+                    DraftQuery(req.request_id, req.prompt_token_ids, req.output_token_ids, k)
+                )
+        for req, draft in zip(reqs, self.spec_decoder.propose(queries)):
+            req.draft_token_ids = draft
+
+    def _row(self, req: Request, draft: Sequence[int] = ()) -> SamplingRow:
+        """Sampling state after the output so far plus ``draft`` (penalties, min_tokens)."""
         p = req.params
+        output = req.output_token_ids if not draft else req.output_token_ids + list(draft)
         blocked: tuple[int, ...] = ()
-        if req.num_output_tokens < p.min_tokens:
+        if len(output) < p.min_tokens:
             blocked = tuple(self.eos_token_ids | set(p.stop_token_ids))
-        return SamplingRow(p, req.prompt_token_ids, req.output_token_ids, req.generator, blocked)
+        return SamplingRow(p, req.prompt_token_ids, output, req.generator, blocked)
 
-    def _after_token(self, req: Request) -> RequestOutput | None:
+    def _after_tokens(self, req: Request, n: int) -> RequestOutput | None:
+        """Stop checks token by token over the ``n`` tokens this step appended; the ones after a
+        stop are dropped (speculative steps can emit past a stop string, EOS or max_tokens)."""
         p = req.params
-        token = req.output_token_ids[-1]
+        new = req.output_token_ids[-n:]
+        del req.output_token_ids[-n:]
+        new_lps: list[Any] = []
+        if p.logprobs is not None and len(req.logprobs) >= n:
+            new_lps = req.logprobs[-n:]
+            del req.logprobs[-n:]
         det = self._detok.get(req.request_id)
-        stop_str = det.append(token) if det is not None else None
-        status: RequestStatus | None = None
-        reason: str | int | None = None
-        if stop_str is not None:
-            status, reason = RequestStatus.FINISHED_STOPPED, stop_str
-        elif token in p.stop_token_ids:
-            status, reason = RequestStatus.FINISHED_STOPPED, token
-        elif not p.ignore_eos and token in self.eos_token_ids:
-            status = RequestStatus.FINISHED_STOPPED
-        elif req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.max_model_len:
-            status = RequestStatus.FINISHED_LENGTH
-        elif req.prefill_only:
-            self.scheduler.finish(req.request_id, RequestStatus.PREFILLED)
-            return self._output(req, finished=True)
-        if status is not None:
-            self.scheduler.finish(req.request_id, status, reason)
-            out = self._output(req, finished=True)
-            self._detok.pop(req.request_id, None)
-            return out
-        return self._output(req, finished=False)
+        for i, token in enumerate(new):
+            req.output_token_ids.append(token)
+            if new_lps:
+                req.logprobs.append(new_lps[i])
+            stop_str = det.append(token) if det is not None else None
+            status: RequestStatus | None = None
+            reason: str | int | None = None
+            if stop_str is not None:
+                status, reason = RequestStatus.FINISHED_STOPPED, stop_str
+            elif token in p.stop_token_ids:
+                status, reason = RequestStatus.FINISHED_STOPPED, token
+            elif not p.ignore_eos and token in self.eos_token_ids:
+                status = RequestStatus.FINISHED_STOPPED
+            elif req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.max_model_len:
+                status = RequestStatus.FINISHED_LENGTH
+            elif req.prefill_only:
+                self.scheduler.finish(req.request_id, RequestStatus.PREFILLED)
+                return self._output(req, finished=True, num_new=i + 1)
+            if status is not None:
+                self.scheduler.finish(req.request_id, status, reason)
+                out = self._output(req, finished=True, num_new=i + 1)
+                self._detok.pop(req.request_id, None)
+                return out
+        return self._output(req, finished=False, num_new=len(new))
 
-    def _output(self, req: Request, finished: bool) -> RequestOutput:
+    def _output(self, req: Request, finished: bool, num_new: int = 1) -> RequestOutput:
         det = self._detok.get(req.request_id)
         delta_text = ""
         if det is not None:
             delta_text = det.flush() if finished else det.take_delta(finished=False)
         text = det.text if det is not None else ""
-        new_tokens = req.output_token_ids[-1:] if req.output_token_ids else []
+        new_tokens = req.output_token_ids[-num_new:] if req.output_token_ids and num_new else []
         if finished and req.status is RequestStatus.FINISHED_ABORTED:
             new_tokens = []
-        delta_lp = req.logprobs[-1:] if (req.logprobs and new_tokens) else None
+        delta_lp = req.logprobs[-len(new_tokens) :] if (req.logprobs and new_tokens) else None
         comp = CompletionOutput(
             index=0,
             token_ids=req.output_token_ids,
@@ -376,6 +544,9 @@ class EngineCore:
             metrics["first_scheduled_time"] = req.first_scheduled_time
         if req.finish_time is not None:
             metrics["finish_time"] = req.finish_time
+        if req.num_draft_tokens:
+            metrics["spec_draft_tokens"] = float(req.num_draft_tokens)
+            metrics["spec_accepted_tokens"] = float(req.num_accepted_tokens)
         return RequestOutput(
             request_id=req.request_id,
             prompt_token_ids=req.prompt_token_ids,
@@ -385,11 +556,15 @@ class EngineCore:
             num_preemptions=req.num_preemptions,
             error=req.error,
             metrics=metrics,
+            kv_evicted=req.num_evicted_blocks > 0,
+            num_evicted_tokens=req.num_evicted_blocks * self.pool.block_size,
         )
 
     # -- introspection ----------------------------------------------------------------------------
     def stats(self) -> EngineStats:
         ps = self.pool.stats()
+        hp, sd = self.scheduler.host_pool, self.spec_decoder
+        sw = self.swap.stats if self.swap is not None else SwapStats()
         return EngineStats(
             scheduler=self.scheduler.stats(),
             num_blocks=ps.num_blocks,
@@ -398,6 +573,20 @@ class EngineCore:
             prefix_hits=ps.prefix_hits,
             prompt_tokens_computed=self.prompt_tokens_computed,
             kv_bytes_received=self.kv_bytes_received,
+            num_swap_preemptions=self.scheduler.num_swap_preemptions,
+            swap_host_blocks=hp.num_blocks if hp is not None else 0,
+            swap_host_blocks_free=hp.num_free if hp is not None else 0,
+            swapped_out_blocks=sw.blocks_out,
+            swapped_in_blocks=sw.blocks_in,
+            swap_out_bytes=sw.bytes_out,
+            swap_in_bytes=sw.bytes_in,
+            swap_out_seconds=sw.seconds_out,
+            swap_in_seconds=sw.seconds_in,
+            evicted_blocks=self.scheduler.num_evicted_blocks,
+            spec_draft_tokens=sd.num_drafted if sd is not None else 0,
+            spec_accepted_tokens=sd.num_accepted if sd is not None else 0,
+            spec_verify_steps=sd.num_verify_steps if sd is not None else 0,
+            spec_active=sd is not None and sd.active,
         )
 
     def check_integrity(self) -> None:

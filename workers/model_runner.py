@@ -57,7 +57,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> torch.Tensor:
-        """Returns float32 logits ``[num_sampling_chunks, vocab]`` in the order of sampling chunks."""
+        """Returns float32 logits ``[rows, vocab]``: ``1 + num_draft`` rows per sampling chunk, in order."""
         input_ids: list[int] = []
         positions: list[int] = []
         query_lens: list[int] = []
@@ -71,8 +71,8 @@ class ModelRunner:
             query_lens.append(n)
             seq_lens.append(chunk.start + n)
             tables.append(list(chunk.block_ids))
-            if chunk.sample:
-                sample_rows.append(len(input_ids) - 1)
+            if chunk.sample:  # with drafts: the last num_draft + 1 rows (verification)
+                sample_rows.extend(range(len(input_ids) - 1 - chunk.num_draft, len(input_ids)))
         meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.block_size, self.device)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)

@@ -51,3 +51,5 @@ class RequestOutput:
     num_preemptions: int = 0
     error: str | None = None  # set with finish_reason "error"
     metrics: dict[str, float] = field(default_factory=dict)  # arrival/first-token/finish times (monotonic)
+    kv_evicted: bool = False  # sink-window eviction dropped middle tokens' KV (attention is windowed)
+    num_evicted_tokens: int = 0

@@ -60,6 +60,18 @@ class Request:
     first_scheduled_time: float | None = None
     finish_time: float | None = None
     error: str | None = None
+    # Swap preemption: host blocks holding this request's live KV while it waits (None: not swapped).
+    swap_host_ids: list[int] | None = None
+    swap_slots: list[int] | None = None  # block-table indices those host blocks go back to
+    # Sink-window eviction: block-table entries [sink blocks, evict_cursor) were checked; evicted ones
+    # point at the null block 0 (the attention mask never reads them).
+    evict_cursor: int = 0
+    num_evicted_blocks: int = 0
+    exact_context: bool = False  # opted out of eviction (must then fit in the window)
+    # Speculative decoding: drafts for the next step (never part of the sequence until accepted).
+    draft_token_ids: list[int] = field(default_factory=list)
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -80,6 +92,11 @@ class Request:
         if start >= p:
             return self.output_token_ids[start - p : end - p]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - p]
+
+    @property
+    def live_block_ids(self) -> list[int]:
+        """Blocks this request references (evicted table slots point at the null block 0)."""
+        return [b for b in self.block_ids if b != 0]
 
     @property
     def all_token_ids(self) -> list[int]:

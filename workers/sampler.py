@@ -96,13 +96,74 @@ def sample(
     out_logprobs: list[TokenLogprob | None] = [None] * len(rows)
     if raw_logprobs is not None:
         for i, row in enumerate(rows):
-            if not want_logprobs[i]:
-                continue
-            lp = raw_logprobs[i]
-            top: dict[int, float] = {}
-            n = row.params.logprobs or 0
-            if n > 0:
-                vals, ids = torch.topk(lp, n)
-                top = dict(zip(ids.tolist(), vals.tolist()))
-            out_logprobs[i] = TokenLogprob(tokens[i], float(lp[tokens[i]]), top)
+            if want_logprobs[i]:
+                out_logprobs[i] = _token_logprob(raw_logprobs[i], tokens[i], row.params.logprobs or 0)
     return tokens, out_logprobs
+
+
+def _token_logprob(lp: torch.Tensor, token: int, n: int) -> TokenLogprob:
+    top: dict[int, float] = {}
+    if n > 0:
+        vals, ids = torch.topk(lp, n)
+        top = dict(zip(ids.tolist(), vals.tolist()))
+    return TokenLogprob(token, float(lp[token]), top)
+
+
+def _target_probs(logits: torch.Tensor, row: SamplingRow) -> torch.Tensor:
+    """The distribution plain sampling draws from for this row (1-D logits, modified in place)."""
+    if row.params.needs_penalties:
+        apply_penalties(logits, row)
+    if row.blocked_token_ids:
+        logits[list(row.blocked_token_ids)] = float("-inf")
+    return torch.softmax(_filter(logits, row.params), dim=-1)
+
+
+def verify(
+    logits: torch.Tensor,
+    rows: Sequence[SamplingRow],
+    draft: Sequence[int],
+    default_generator: torch.Generator | None,
+) -> tuple[list[int], list[TokenLogprob | None]]:
+    """Accept a prefix of ``draft`` and add one token; returns the 1..len(draft)+1 emitted tokens.
+
+    ``logits [d+1, V]``: row j is the target model's distribution after the sequence plus
+    ``draft[:j]``; ``rows[j]`` carries the output as it would be then (penalties, min_tokens).
+    Greedy: the longest prefix of the draft equal to the argmax, plus the argmax after it, which is
+    exactly what d+1 plain greedy steps would emit. Sampled: draft token x is accepted with
+    probability p(x) (the draft distribution is a point mass), a rejection draws from the residual
+    ``p`` without x, renormalised; all accepted draws a bonus from the last row. The emitted tokens
+    are then distributed as plain sampling's (Leviathan et al. 2023, Chen et al. 2023).
+    """
+    d = len(draft)
+    params = rows[0].params
+    raw = torch.log_softmax(logits, dim=-1) if params.logprobs is not None else None
+    tokens: list[int] = []
+    if params.greedy:
+        for j, row in enumerate(rows):
+            if row.params.needs_penalties:
+                apply_penalties(logits[j], row)
+            if row.blocked_token_ids:
+                logits[j, list(row.blocked_token_ids)] = float("-inf")
+        target = logits.argmax(dim=-1).tolist()
+        for j in range(d + 1):
+            tokens.append(target[j])
+            if j == d or draft[j] != target[j]:
+                break
+    else:
+        gen = rows[0].generator if rows[0].generator is not None else default_generator
+        probs = torch.stack([_target_probs(logits[j], rows[j]) for j in range(d + 1)])  # [d+1, V]
+        drafted = torch.tensor(list(draft), dtype=torch.long, device=logits.device)
+        u = torch.rand(d, generator=gen, device=logits.device)
+        accepted = (u < probs[:-1].gather(1, drafted[:, None])[:, 0]).tolist()
+        a = next((j for j, ok in enumerate(accepted) if not ok), d)
+        tokens.extend(int(t) for t in draft[:a])
+        last = probs[a].clone()
+        if a < d:
+            last[draft[a]] = 0.0  # residual max(0, p - q) with q a point mass at the draft
+            last = last / last.sum()
+        noise = torch.empty_like(last).exponential_(generator=gen)
+        tokens.append(int(torch.argmax(last / noise)))
+    logprobs: list[TokenLogprob | None] = [None] * len(tokens)
+    if raw is not None:
+        logprobs = [_token_logprob(raw[j], t, params.logprobs or 0) for j, t in enumerate(tokens)]
+    return tokens, logprobs
