@@ -11,7 +11,7 @@ and on-CPU time: on a loaded machine the wall-clock tail is the OS scheduler, no
 from /proc before any heavy import and compared with ``--rss-cap-mib``; the run exits 1 when RSS is
 over the cap or the in-process wall-clock p99 is over 1 ms.
 
-    python bench/prefix_directory.py [--publish 1600000] [--max-entries 1000000] [--rss-cap-mib 512]
+    python bench/prefix_directory.py [--publish 1600000] [--max-entries 1000000] [--rss-cap-mib 256]
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def main() -> int:
     p.add_argument("--small-quota", type=int, default=2_000)
     p.add_argument("--key-bytes", type=int, default=16)
     p.add_argument("--queries", type=int, default=3000)
-    p.add_argument("--rss-cap-mib", type=float, default=512.0)
+    p.add_argument("--rss-cap-mib", type=float, default=256.0)
     p.add_argument("--batch", type=int, default=512, help="events per publish call")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
