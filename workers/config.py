@@ -142,6 +142,7 @@ class EngineConfig:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     load_format: str = "auto"  # auto | safetensors | dummy
     attention_backend: str = "auto"  # auto (triton on cuda, torch on cpu) | torch | triton
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps (they need the triton backend)
     max_model_len: int | None = None
     seed: int = 0
     cache: CacheConfig = CacheConfig()

@@ -142,7 +142,11 @@ class EngineCore:
         self.kv_dtype = kv_cache_dtype_for(config.cache.kv_cache_dtype, model_dtype)
         bs = config.cache.block_size
         num_blocks = self._num_blocks(block_bytes(self.spec, bs, self.kv_dtype))
-        self.runner = ModelRunner(self.model, self.device, num_blocks, bs, self.kv_dtype)
+        self.runner = ModelRunner(
+            self.model, self.device, num_blocks, bs, self.kv_dtype,
+            cuda_graphs=not config.enforce_eager and backend_name == "triton",
+            max_num_seqs=config.scheduler.max_num_seqs, max_model_len=self.max_model_len,
+        )
         self.pool = BlockPool(num_blocks, bs, config.cache.enable_prefix_caching)
         self.tokenizer_hash = (
             "no-tokenizer" if self.tokenizer is None else identity.tokenizer_hash(self.tokenizer)

@@ -36,12 +36,14 @@ class LLM:
         load_format: str = "auto",
         preemption_mode: str = "recompute",
         skip_tokenizer_init: bool = False,
+        enforce_eager: bool = False,
         seed: int = 0,
     ) -> None:
         config = EngineConfig(
             model=model,
             tokenizer=tokenizer,
             skip_tokenizer_init=skip_tokenizer_init,
+            enforce_eager=enforce_eager,
             dtype=dtype,
             device=device,
             load_format=load_format,

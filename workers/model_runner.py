@@ -39,6 +39,10 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         kv_dtype: torch.dtype,
+        *,
+        cuda_graphs: bool = False,
+        max_num_seqs: int = 256,
+        max_model_len: int = 4096,
     ) -> None:
         self.model = model
         self.spec = model.spec
@@ -54,6 +58,11 @@ class ModelRunner:
             dtype=kv_dtype,
             device=device,
         )
+        self.graphs = None
+        if cuda_graphs and device.type == "cuda":
+            from baton.workers.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(model, self.kv_cache, block_size, max_num_seqs, max_model_len)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> torch.Tensor:
@@ -73,10 +82,20 @@ class ModelRunner:
             tables.append(list(chunk.block_ids))
             if chunk.sample:  # with drafts: the last num_draft + 1 rows (verification)
                 sample_rows.extend(range(len(input_ids) - 1 - chunk.num_draft, len(input_ids)))
-        meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.block_size, self.device)
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self.model.forward(ids, pos, self.kv_cache, meta)  # [T, hidden]
+        decode_only = len(input_ids) == len(query_lens)
+        if (
+            self.graphs is not None
+            and decode_only
+            and self.graphs.can_run(len(input_ids), max(seq_lens))
+        ):
+            bs = self.block_size
+            slots = [t[(p) // bs] * bs + p % bs for t, p in zip(tables, positions)]
+            hidden = self.graphs.run(input_ids, positions, slots, seq_lens, tables)
+        else:
+            meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.block_size, self.device)
+            ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+            pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+            hidden = self.model.forward(ids, pos, self.kv_cache, meta)  # [T, hidden]
         if not sample_rows:
             return torch.empty(0, self.spec.vocab_size, dtype=torch.float32, device=self.device)
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
