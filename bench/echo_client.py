@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from baton.cluster.messages import GenerateDelta, GenerateRequest
+from baton.workers.messages import GenerateDelta, GenerateRequest
 from baton.router.client_protocol import Route, WorkerLoad
 
 

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from baton.cluster.messages import GenerateDelta, GenerateRequest
+from baton.workers.messages import GenerateDelta, GenerateRequest
 from baton.cluster.pool_config import PoolConfig
 from baton.cluster.transfer import TransferError, make_transport
 from baton.workers.engine import EngineCore

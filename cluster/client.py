@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from baton.cluster.actors import PrefillOffer, SourceRef, WorkerInfo
-from baton.cluster.messages import GenerateDelta, GenerateRequest
+from baton.workers.messages import GenerateDelta, GenerateRequest
 from baton.cluster.pool_config import PoolConfig
 from baton.workers.roles import WorkerStats
 

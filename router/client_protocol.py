@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from baton.cluster.messages import GenerateDelta, GenerateRequest
+from baton.workers.messages import GenerateDelta, GenerateRequest
 
 
 @dataclass(frozen=True)

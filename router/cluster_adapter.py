@@ -12,7 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from baton.cluster.messages import GenerateDelta, GenerateRequest
+from baton.workers.messages import GenerateDelta, GenerateRequest
 from baton.cluster.serve_config import ServeConfig
 from baton.router.client_protocol import Route, WorkerLoad
 

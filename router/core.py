@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from baton.cluster.messages import GenerateDelta, GenerateRequest
+from baton.workers.messages import GenerateDelta, GenerateRequest
 from baton.cluster.serve_config import ServeConfig
 from baton.router.admission import AdmissionController, Ticket, route_key
 from baton.router.auth import Authenticator, Tenant

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from baton.cluster.messages import GenerateDelta, GenerateRequest
+from baton.workers.messages import GenerateDelta, GenerateRequest
 from baton.router.client_protocol import Route, WorkerLoad
 from baton.workers.config import EngineConfig
 from baton.workers.outputs import RequestOutput

@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from baton.cluster.messages import GenerateDelta
+from baton.workers.messages import GenerateDelta
 from baton.router.auth import bearer_key
 from baton.router.core import OpenStream, RouterCore, Submission, trace_context
 from baton.router.errors import APIError, too_large

@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from baton.cluster.messages import GenerateDelta
+from baton.workers.messages import GenerateDelta
 from baton.workers.engine import EngineCore
 from baton.workers.kv_handle import (
     KV_LAYOUT,

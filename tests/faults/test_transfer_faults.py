@@ -14,7 +14,7 @@ ray = pytest.importorskip("ray")
 
 from baton.cluster.actors import SourceRef  # noqa: E402
 from baton.cluster.client import RoutingHint  # noqa: E402
-from baton.cluster.messages import GenerateRequest  # noqa: E402
+from baton.workers.messages import GenerateRequest  # noqa: E402
 from baton.cluster.pool_config import PoolConfig  # noqa: E402
 from baton.cluster.pools import start_pools  # noqa: E402
 from baton.workers.config import CacheConfig, EngineConfig  # noqa: E402
