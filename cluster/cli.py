@@ -15,6 +15,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "baton.cluster.cmd_generate",
     "baton.cluster.cmd_serve",
     "baton.cluster.cmd_cache",
+    "baton.cluster.cmd_bench",
 )
 
 
