@@ -422,6 +422,7 @@ class EngineCore:
                     self.spec_decoder.forget(out.request_id)
         return outputs
 
+    @torch.inference_mode()  # the runner's logits are inference tensors; penalties edit them in place
     def _sample(self, logits: torch.Tensor, chunks: list[Any]) -> dict[str, list[int]]:
         """Plain rows through ``sample`` in one batch; chunks with drafts through ``verify``."""
         reqs = [self.scheduler.requests[c.request_id] for c in chunks]
@@ -460,8 +461,9 @@ class EngineCore:
                 or req.prefill_only
                 or not req.output_token_ids
                 or req.num_tokens - req.num_computed_tokens != 1
+                or (req.params.seed is not None and not req.params.greedy)
             ):
-                continue
+                continue  # a seeded draw must not depend on engine-wide drafting state
             k = min(
                 k_max,
                 req.params.max_tokens - req.num_output_tokens - 1,
