@@ -1,5 +1,5 @@
-"""``EchoClient``: an ``EngineClient`` that answers instantly (echoes prompt tokens), so a benchmark sees only
-the router's own cost."""
+"""``EchoClient``: an ``EngineClient`` that answers instantly (echoes prompt tokens), so a benchmark
+sees only the router's own cost."""
 
 from __future__ import annotations
 

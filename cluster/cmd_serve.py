@@ -1,7 +1,8 @@
-"""``baton serve``: an embedded local Ray cluster (or ``--address``), the worker pools and the router.
+"""``baton serve``: an embedded local Ray cluster (or ``--address``), the worker pools and the
+router.
 
-Flags override ``--config FILE`` (the ``ServeConfig`` YAML, the same schema KubeRay's serveConfigV2 args use).
-With no ``--model`` the bundled default model is served (no download).
+Flags override ``--config FILE`` (the ``ServeConfig`` YAML, the same schema KubeRay's serveConfigV2
+args use). With no ``--model`` the bundled default model is served (no download).
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
-"""The ONE schema for ``baton serve --config FILE`` and KubeRay's ``serveConfigV2`` application args.
+"""The ONE schema for ``baton serve --config FILE`` and KubeRay's ``serveConfigV2`` application
+args.
 
-``baton.router.app:build_app(args)`` validates its ``args`` dict with ``ServeConfig``; the CLI builds the same dict
-from its flags (``--config`` first, flags override). pydantic names the offending field on every error, and unknown
-keys are refused so a typo in a manifest fails at deploy time instead of being silently ignored.
+``baton.router.app:build_app(args)`` validates its ``args`` dict with ``ServeConfig``; the CLI
+builds the same dict from its flags (``--config`` first, flags override). pydantic names the
+offending field on every error, and unknown keys are refused so a typo in a manifest fails at deploy
+time instead of being silently ignored.
 """
 
 from __future__ import annotations
@@ -85,8 +87,9 @@ class PoolSection(_Strict):
 
 
 class PoolsSection(_Strict):
-    """``colocated``: one engine inside the router replica (dev, tests); ``disaggregated``: Ray prefill/decode
-    pools; ``auto``: disaggregated when the cluster client is installed, else colocated."""
+    """``colocated``: one engine inside the router replica (dev, tests); ``disaggregated``: Ray
+    prefill/decode pools; ``auto``: disaggregated when the cluster client is installed, else
+    colocated."""
 
     mode: Literal["auto", "colocated", "disaggregated"] = "auto"
     prefill: PoolSection = PoolSection()

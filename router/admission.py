@@ -1,12 +1,13 @@
-"""Router admission: pool-wide KV budget by predicted output length, a bounded per-tenant fair queue with a
-deadline, and per-tenant concurrency and token-rate limits.
+"""Router admission: pool-wide KV budget by predicted output length, a bounded per-tenant fair queue
+with a deadline, and per-tenant concurrency and token-rate limits.
 
-The arithmetic is the engine's own (``baton.workers.admission``: ``OutputLengthPredictor``, ``AdmissionPolicy``),
-applied to the decode pool's total blocks: a request is admitted when the projected blocks of every admitted
-request (current tokens + predicted remaining, updated as deltas arrive) plus its own fit the budget minus headroom.
-Otherwise it waits in its tenant's queue; tenants are served round-robin so one tenant's burst cannot starve
-another. Past ``queue_timeout_s`` (or with the queue full) it gets 429 with ``Retry-After``. Outgrowing a
-prediction is the engine's problem to absorb by preemption: nothing admitted is ever aborted here.
+The arithmetic is the engine's own (``baton.workers.admission``: ``OutputLengthPredictor``,
+``AdmissionPolicy``), applied to the decode pool's total blocks: a request is admitted when the
+projected blocks of every admitted request (current tokens + predicted remaining, updated as deltas
+arrive) plus its own fit the budget minus headroom. Otherwise it waits in its tenant's queue;
+tenants are served round-robin so one tenant's burst cannot starve another. Past ``queue_timeout_s``
+(or with the queue full) it gets 429 with ``Retry-After``. Outgrowing a prediction is the engine's
+problem to absorb by preemption: nothing admitted is ever aborted here.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """The Ray Serve application: ``build_app(args)`` is what ``baton serve`` runs and what KubeRay's
-``serveConfigV2`` ``import_path: baton.router.app:build_app`` points at, with ``args`` in ``ServeConfig``'s shape.
+``serveConfigV2`` ``import_path: baton.router.app:build_app`` points at, with ``args`` in
+``ServeConfig``'s shape.
 
-One ingress deployment (``BatonRouter``) serves the FastAPI app and, on the same event loop, the gRPC server. In
-``colocated`` mode the engine runs inside the ingress replica (``LocalEngineClient``); in ``disaggregated`` mode
-the replica talks to the Ray prefill/decode pools through the cluster client.
+One ingress deployment (``BatonRouter``) serves the FastAPI app and, on the same event loop, the
+gRPC server. In ``colocated`` mode the engine runs inside the ingress replica
+(``LocalEngineClient``); in ``disaggregated`` mode the replica talks to the Ray prefill/decode pools
+through the cluster client.
 """
 
 from __future__ import annotations

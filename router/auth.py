@@ -1,4 +1,5 @@
-"""API keys → tenants. The tenant (and its prefix-cache namespace) is decided here, never taken from a request.
+"""API keys → tenants. The tenant (and its prefix-cache namespace) is decided here, never taken from
+a request.
 
 Keys file (YAML; e.g. a mounted Kubernetes Secret)::
 
@@ -7,9 +8,10 @@ Keys file (YAML; e.g. a mounted Kubernetes Secret)::
       globex: {keys: ["sk-globex-1"]}            # namespace defaults to the tenant's name
     admin_keys: ["sk-admin-1"]                   # for /admin/* (optional)
 
-Keys are held only as SHA-256 digests and compared with ``hmac.compare_digest`` over every known digest, so neither
-the file's plaintext nor lookup timing reveals a key. Without a keys file the router runs in single-tenant
-development mode: every request is tenant ``dev`` and admin calls are open (logged loudly at start-up).
+Keys are held only as SHA-256 digests and compared with ``hmac.compare_digest`` over every known
+digest, so neither the file's plaintext nor lookup timing reveals a key. Without a keys file the
+router runs in single-tenant development mode: every request is tenant ``dev`` and admin calls are
+open (logged loudly at start-up).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The one interface between the router and whatever runs the engines.
 
-Two implementations plug in: ``LocalEngineClient`` (one in-process ``EngineCore`` on a background thread: the
-colocated dev mode and the tests) and the cluster's ``ClusterClient`` (Ray prefill/decode pools). The router never
-imports either concretely; it only needs to stream deltas, abort, see load and ask for health.
+Two implementations plug in: ``LocalEngineClient`` (one in-process ``EngineCore`` on a background
+thread: the colocated dev mode and the tests) and the cluster's ``ClusterClient`` (Ray
+prefill/decode pools). The router never imports either concretely; it only needs to stream deltas,
+abort, see load and ask for health.
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ class WorkerLoad:
 
 @runtime_checkable
 class EngineClient(Protocol):
-    """What the router calls. ``generate`` yields deltas until one has ``finish_reason`` set; closing the iterator
-    early (client gone) must abort the request and free its blocks, as must ``abort``."""
+    """What the router calls. ``generate`` yields deltas until one has ``finish_reason`` set;
+    closing the iterator early (client gone) must abort the request and free its blocks, as must
+    ``abort``."""
 
     def generate(
         self, request: GenerateRequest, route: Route | None = None

@@ -1,8 +1,9 @@
-"""``ClusterEngineClient``: the cluster's ``ClusterClient`` (Ray prefill/decode pools) behind ``EngineClient``.
+"""``ClusterEngineClient``: the cluster's ``ClusterClient`` (Ray prefill/decode pools) behind
+``EngineClient``.
 
-The cluster client speaks its own dialect (a ``RoutingHint``, health and stats as per-worker dicts); this thin
-shell translates, so the router core stays ignorant of Ray. ``pool_config`` maps the one ``ServeConfig`` onto the
-pools' ``PoolConfig``.
+The cluster client speaks its own dialect (a ``RoutingHint``, health and stats as per-worker dicts);
+this thin shell translates, so the router core stays ignorant of Ray. ``pool_config`` maps the one
+``ServeConfig`` onto the pools' ``PoolConfig``.
 """
 
 from __future__ import annotations

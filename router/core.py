@@ -1,10 +1,12 @@
-"""``RouterCore``: everything between a parsed request and the engine client, shared by HTTP and gRPC.
+"""``RouterCore``: everything between a parsed request and the engine client, shared by HTTP and
+gRPC.
 
-Order of a request (DESIGN.md, "The request path"): authenticate → model check → tokenize → explicit context check
-(400 with the three numbers; truncation only when asked) → admission (``AdmissionController``) → replica choice
-(``PrefixRouter``) → ``EngineClient.generate``. ``open_stream`` returns a stream whose first delta has already
-arrived, so every refusal an engine can still raise becomes a status code before any byte is sent. Closing a
-stream early (client disconnect, gRPC cancel) aborts the request on the workers and releases its admission ticket.
+Order of a request (DESIGN.md, "The request path"): authenticate → model check → tokenize → explicit
+context check (400 with the three numbers; truncation only when asked) → admission
+(``AdmissionController``) → replica choice (``PrefixRouter``) → ``EngineClient.generate``.
+``open_stream`` returns a stream whose first delta has already arrived, so every refusal an engine
+can still raise becomes a status code before any byte is sent. Closing a stream early (client
+disconnect, gRPC cancel) aborts the request on the workers and releases its admission ticket.
 """
 
 from __future__ import annotations
@@ -266,8 +268,9 @@ class RouterCore:
 
     def fit_context(self, ids: list[int], params: SamplingParams,
                     truncate_prompt_tokens: int | None) -> tuple[list[int], bool]:
-        """Explicit context check. ``truncate_prompt_tokens=k`` keeps the last k prompt tokens (-1: as many as
-        fit beside max_tokens); without it an overflow is a 400 with the three numbers."""
+        """Explicit context check. ``truncate_prompt_tokens=k`` keeps the last k prompt tokens (-1:
+        as many as fit beside max_tokens); without it an overflow is a 400 with the three
+        numbers."""
         limit = self.model.max_model_len
         if params.max_tokens >= limit:
             raise context_overflow(len(ids), params.max_tokens, limit)

@@ -1,7 +1,8 @@
 """Every refusal the router gives, as one exception type that both front ends translate.
 
-HTTP answers ``{"error": {"message", "type", "param", "code", ...details}}`` (OpenAI's shape, so the openai client
-raises its typed errors); gRPC maps the same error to a status code with the message and details in trailers.
+HTTP answers ``{"error": {"message", "type", "param", "code", ...details}}`` (OpenAI's shape, so the
+openai client raises its typed errors); gRPC maps the same error to a status code with the message
+and details in trailers.
 """
 
 from __future__ import annotations

@@ -1,11 +1,14 @@
-"""gRPC front end: ``baton.v1.Generation`` on a grpcio aio server inside the ingress replica, with reflection.
+"""gRPC front end: ``baton.v1.Generation`` on a grpcio aio server inside the ingress replica, with
+reflection.
 
-Why not Serve's gRPC proxy: the proxy routes by an "application" metadata key, has no server reflection, and
-wraps user status codes in its own handling; a grpcio aio server on the replica's event loop streams natively,
-maps our errors to exact status codes, and sees cancellation at once (client gone → abort everywhere). Several
-ingress replicas on one node share the port through SO_REUSEPORT (grpcio's default on Linux).
+Why not Serve's gRPC proxy: the proxy routes by an "application" metadata key, has no server
+reflection, and wraps user status codes in its own handling; a grpcio aio server on the replica's
+event loop streams natively, maps our errors to exact status codes, and sees cancellation at once
+(client gone → abort everywhere). Several ingress replicas on one node share the port through
+SO_REUSEPORT (grpcio's default on Linux).
 
-Auth (``authorization: Bearer <key>`` or ``x-api-key``) and W3C ``traceparent``/``tracestate`` travel in metadata.
+Auth (``authorization: Bearer <key>`` or ``x-api-key``) and W3C ``traceparent``/``tracestate``
+travel in metadata.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
-"""``LocalEngineClient``: one in-process ``EngineCore`` driven by a background thread, behind ``EngineClient``.
+"""``LocalEngineClient``: one in-process ``EngineCore`` driven by a background thread, behind
+``EngineClient``.
 
-This is the colocated single-process mode (``pools.mode: colocated``), the engine of the router tests and the
-reference the overhead benchmark compares against. The engine is single-threaded, so every touch of it happens on
-the engine thread: callers put commands on a thread-safe queue and get results through futures; output deltas are
-handed to each request's asyncio queue with ``call_soon_threadsafe`` on the loop that asked.
+This is the colocated single-process mode (``pools.mode: colocated``), the engine of the router
+tests and the reference the overhead benchmark compares against. The engine is single-threaded, so
+every touch of it happens on the engine thread: callers put commands on a thread-safe queue and get
+results through futures; output deltas are handed to each request's asyncio queue with
+``call_soon_threadsafe`` on the loop that asked.
 """
 
 from __future__ import annotations

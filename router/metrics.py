@@ -1,8 +1,10 @@
-"""The one place the router's Prometheus metrics are defined (``GET /metrics`` renders ``RouterMetrics``).
+"""The one place the router's Prometheus metrics are defined (``GET /metrics`` renders
+``RouterMetrics``).
 
-Names follow vLLM's where one exists, under the ``baton:`` prefix (``baton:time_to_first_token_seconds`` mirrors
-``vllm:time_to_first_token_seconds``). Each ``RouterMetrics`` owns its registry, so several routers in one
-process (tests, the benchmark) never collide. Pool gauges are refreshed from ``EngineClient.stats()``.
+Names follow vLLM's where one exists, under the ``baton:`` prefix
+(``baton:time_to_first_token_seconds`` mirrors ``vllm:time_to_first_token_seconds``). Each
+``RouterMetrics`` owns its registry, so several routers in one process (tests, the benchmark) never
+collide. Pool gauges are refreshed from ``EngineClient.stats()``.
 """
 
 from __future__ import annotations

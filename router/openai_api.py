@@ -1,8 +1,10 @@
-"""OpenAI-compatible HTTP front end (FastAPI): completions, chat completions (SSE), models, health, metrics, admin.
+"""OpenAI-compatible HTTP front end (FastAPI): completions, chat completions (SSE), models, health,
+metrics, admin.
 
-``create_app(core)`` builds the app around a ``RouterCore``; the Serve ingress (``router/app.py``) serves it, and
-so can any ASGI server (the overhead benchmark drives it in-process). Bodies are read here with a size cap (413)
-and parsed by ``schemas.parse_body`` (400 naming the field); every ``APIError`` becomes a JSON error body.
+``create_app(core)`` builds the app around a ``RouterCore``; the Serve ingress (``router/app.py``)
+serves it, and so can any ASGI server (the overhead benchmark drives it in-process). Bodies are read
+here with a size cap (413) and parsed by ``schemas.parse_body`` (400 naming the field); every
+``APIError`` becomes a JSON error body.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
-"""Replica choice: prefix-cache overlap balanced against load, power-of-two-choices when nothing overlaps.
+"""Replica choice: prefix-cache overlap balanced against load, power-of-two-choices when nothing
+overlaps.
 
-Overlap comes from the global prefix directory when one runs (``longest_prefix`` over the prompt's block-hash
-chain, computed with the workers' own hashing module and identity), else from a local approximation: a bounded
-LRU of the block hashes this router recently sent to each worker. Either is advisory: a wrong guess costs a
-recompute, never a wrong token. Load is queue length and KV usage from the pool's last stats.
+Overlap comes from the global prefix directory when one runs (``longest_prefix`` over the prompt's
+block-hash chain, computed with the workers' own hashing module and identity), else from a local
+approximation: a bounded LRU of the block hashes this router recently sent to each worker. Either is
+advisory: a wrong guess costs a recompute, never a wrong token. Load is queue length and KV usage
+from the pool's last stats.
 """
 
 from __future__ import annotations

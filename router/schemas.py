@@ -1,7 +1,9 @@
-"""pydantic models of the OpenAI request bodies (plus Baton's extras), and the 400 that names the field.
+"""pydantic models of the OpenAI request bodies (plus Baton's extras), and the 400 that names the
+field.
 
-Unknown fields are ignored (the openai client and SDKs send fields such as ``user`` or ``metadata``); known
-fields are validated strictly, and the first error's location becomes the error's ``param``.
+Unknown fields are ignored (the openai client and SDKs send fields such as ``user`` or
+``metadata``); known fields are validated strictly, and the first error's location becomes the
+error's ``param``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""gRPC ``Generation`` on a real Serve router: streamed Generate equals the offline engine; status codes;
-reflection; auth and trace context in metadata."""
+"""gRPC ``Generation`` on a real Serve router: streamed Generate equals the offline engine; status
+codes; reflection; auth and trace context in metadata."""
 
 from __future__ import annotations
 

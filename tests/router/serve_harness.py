@@ -1,7 +1,9 @@
-"""A real Ray Serve router on CPU for one test module: local Ray (2 CPUs), Serve on free ports, the tiny model.
+"""A real Ray Serve router on CPU for one test module: local Ray (2 CPUs), Serve on free ports, the
+tiny model.
 
-``serve_router(args)`` yields a ``Harness`` with the HTTP base URL and gRPC target; it waits for ``/health`` and
-tears Serve and Ray down afterwards. e2e tests import it with ``tests/router`` on ``sys.path``.
+``serve_router(args)`` yields a ``Harness`` with the HTTP base URL and gRPC target; it waits for
+``/health`` and tears Serve and Ray down afterwards. e2e tests import it with ``tests/router`` on
+``sys.path``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Admission under a burst of 10x the KV budget whose outputs outgrow their prediction (the seed's case,
-scaled down): nothing is aborted for memory, nothing crashes, the excess queues or gets 429, and the engine
-absorbs the wrong predictions by preemption (counted)."""
+"""Admission under a burst of 10x the KV budget whose outputs outgrow their prediction (the seed's
+case, scaled down): nothing is aborted for memory, nothing crashes, the excess queues or gets 429,
+and the engine absorbs the wrong predictions by preemption (counted)."""
 
 from __future__ import annotations
 

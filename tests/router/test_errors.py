@@ -1,5 +1,5 @@
-"""The error table on a real Serve router: each refusal is the right status with a JSON body, never a 5xx,
-and nothing leaks (the engine's block accounting is checked afterwards)."""
+"""The error table on a real Serve router: each refusal is the right status with a JSON body, never
+a 5xx, and nothing leaks (the engine's block accounting is checked afterwards)."""
 
 from __future__ import annotations
 
