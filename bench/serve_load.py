@@ -1,14 +1,15 @@
 """Async load generator for an OpenAI-compatible server (``baton bench serve``).
 
-Sends ``RequestSpec``s (``bench/workloads.py``) at their arrival offsets as streaming ``/v1/completions``
-requests over raw HTTP (aiohttp; it is on every machine Ray Serve runs on), with token-id prompts so lengths are
-exact. Per request it records TTFT, the inter-token gaps (a chunk of k tokens after a gap g counts as g then
-k-1 zeros: what the client sees), E2E, tokens streamed and the server's usage, finish reason, HTTP status
-(429s counted with their ``Retry-After``) and transport errors.
+Sends ``RequestSpec``s (``bench/workloads.py``) at their arrival offsets as streaming
+``/v1/completions`` requests over raw HTTP (aiohttp; it is on every machine Ray Serve runs on), with
+token-id prompts so lengths are exact. Per request it records TTFT, the inter-token gaps (a chunk of
+k tokens after a gap g counts as g then k-1 zeros: what the client sees), E2E, tokens streamed and
+the server's usage, finish reason, HTTP status (429s with their ``Retry-After``) and transport
+errors.
 
-Summary: P50/P90/P99 of TTFT, ITL, E2E and TPOT, throughput, and **goodput**: requests per second that completed
-with TTFT <= ``slo.ttft_s`` and their own P99 inter-token gap <= ``slo.itl_s``. Results go to JSON, with
-latency CDFs and goodput-vs-rate plots (matplotlib, when installed).
+Summary: P50/P90/P99 of TTFT, ITL, E2E and TPOT, throughput, and **goodput**: requests per second
+that completed with TTFT <= ``slo.ttft_s`` and their own P99 inter-token gap <= ``slo.itl_s``.
+Results go to JSON, with latency CDFs and goodput-vs-rate plots (matplotlib, when installed).
 
     baton bench serve --url http://127.0.0.1:8000 --workload a --rates 2,4,8 --duration 30 \
         --api-key sk-a,sk-b --out bench/results/serve_load
@@ -32,8 +33,8 @@ from baton.bench.workloads import (
     Workload,
     burst,
     long_prefill_interference,
-    sharegpt_like,
     shared_system_prompt,
+    sharegpt_like,
 )
 
 OK_FINISH = ("stop", "length")
@@ -55,7 +56,9 @@ class RequestResult:
     ttft_s: float | None = None
     e2e_s: float | None = None
     itl_s: list[float] = field(default_factory=list)
-    token_t_s: list[float] = field(default_factory=list)  # arrival of each gap's chunk, from run start
+    token_t_s: list[float] = field(
+        default_factory=list
+    )  # arrival of each gap's chunk, from run start
     output_tokens: int = 0  # tokens streamed (token_ids in chunks)
     chunks: int = 0
     prompt_tokens: int = 0  # from usage
@@ -97,24 +100,40 @@ def percentile(xs: list[float], q: float) -> float:
 def _stats(xs: list[float]) -> dict[str, float | int]:
     if not xs:
         return {"n": 0}
-    return {"n": len(xs), "mean": sum(xs) / len(xs), "p50": percentile(xs, 0.5),
-            "p90": percentile(xs, 0.9), "p99": percentile(xs, 0.99), "max": max(xs)}
+    return {
+        "n": len(xs),
+        "mean": sum(xs) / len(xs),
+        "p50": percentile(xs, 0.5),
+        "p90": percentile(xs, 0.9),
+        "p99": percentile(xs, 0.99),
+        "max": max(xs),
+    }
 
 
-def summarize(run: RunResult | list[RequestResult], slo: SLO, elapsed_s: float | None = None,
-              tags: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Counts, latency percentiles (seconds), throughput and goodput of one run (optionally some tags)."""
+def summarize(
+    run: RunResult | list[RequestResult],
+    slo: SLO,
+    elapsed_s: float | None = None,
+    tags: tuple[str, ...] | None = None,
+) -> dict[str, Any]:
+    """Counts, latency percentiles (s), throughput and goodput of one run (optionally some tags)."""
     results = run.results if isinstance(run, RunResult) else run
-    elapsed = elapsed_s if elapsed_s is not None else (run.elapsed_s if isinstance(run, RunResult)
-                                                        else 0.0)
+    elapsed = (
+        elapsed_s
+        if elapsed_s is not None
+        else (run.elapsed_s if isinstance(run, RunResult) else 0.0)
+    )
     if tags is not None:
         results = [r for r in results if r.tag in tags]
     ok = [r for r in results if r.ok]
     good = [r for r in ok if r.meets(slo)]
     statuses = Counter(r.status for r in results)
     finish = Counter(r.finish_reason for r in results if r.status == 200 and not r.cancelled)
-    tpot = [(r.e2e_s - r.ttft_s) / (r.output_tokens - 1) for r in ok
-            if r.ttft_s is not None and r.e2e_s is not None and r.output_tokens > 1]
+    tpot = [
+        (r.e2e_s - r.ttft_s) / (r.output_tokens - 1)
+        for r in ok
+        if r.ttft_s is not None and r.e2e_s is not None and r.output_tokens > 1
+    ]
     out_tokens = sum(r.output_tokens for r in ok)
     elapsed = max(elapsed, 1e-9)
     return {
@@ -123,12 +142,19 @@ def summarize(run: RunResult | list[RequestResult], slo: SLO, elapsed_s: float |
         "rejected_429": statuses.get(429, 0),
         "http_errors": {str(k): v for k, v in statuses.items() if k not in (200, 429, 0)},
         "transport_errors": sum(1 for r in results if r.status == 0 and not r.cancelled),
-        "aborted_or_error": sum(1 for r in results if r.status == 200 and not r.cancelled
-                                and r.finish_reason not in OK_FINISH),
+        "aborted_or_error": sum(
+            1
+            for r in results
+            if r.status == 200 and not r.cancelled and r.finish_reason not in OK_FINISH
+        ),
         "cancelled_by_client": sum(1 for r in results if r.cancelled),
         "finish_reasons": {str(k): v for k, v in finish.items()},
-        "token_count_mismatches": sum(1 for r in ok if r.usage_completion_tokens is not None
-                                      and r.usage_completion_tokens != r.output_tokens),
+        "token_count_mismatches": sum(
+            1
+            for r in ok
+            if r.usage_completion_tokens is not None
+            and r.usage_completion_tokens != r.output_tokens
+        ),
         "elapsed_s": elapsed,
         "throughput_rps": len(ok) / elapsed,
         "output_tokens_per_s": out_tokens / elapsed,
@@ -145,7 +171,7 @@ def summarize(run: RunResult | list[RequestResult], slo: SLO, elapsed_s: float |
     }
 
 
-# -- sending ------------------------------------------------------------------------------------------
+# -- sending ---------------------------------------------------------------------------------------
 class _Progress:
     """tqdm when installed, else one line every 10 %."""
 
@@ -156,8 +182,14 @@ class _Progress:
             try:
                 from tqdm import tqdm
 
-                self._bar = tqdm(total=total, desc=desc, unit="req", leave=False,
-                                 mininterval=1.0, file=sys.stderr)
+                self._bar = tqdm(
+                    total=total,
+                    desc=desc,
+                    unit="req",
+                    leave=False,
+                    mininterval=1.0,
+                    file=sys.stderr,
+                )
             except ImportError:
                 pass
 
@@ -174,21 +206,40 @@ class _Progress:
             self._bar.close()
 
 
-async def _send(session: Any, url: str, model: str, spec: RequestSpec, t0: float,
-                timeout_s: float, extra: dict[str, Any]) -> RequestResult:
+async def _send(
+    session: Any,
+    url: str,
+    model: str,
+    spec: RequestSpec,
+    t0: float,
+    timeout_s: float,
+    extra: dict[str, Any],
+) -> RequestResult:
     import aiohttp
 
     res = RequestResult(spec.tag, spec.arrival_s)
-    body = {"model": model, "prompt": list(spec.prompt_ids), "max_tokens": spec.max_tokens,
-            "temperature": 0.0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}, "return_token_ids": True, **extra}
+    body = {
+        "model": model,
+        "prompt": list(spec.prompt_ids),
+        "max_tokens": spec.max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "return_token_ids": True,
+        **extra,
+    }
     headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
     start = time.perf_counter()
     res.sent_s = start - t0
     last = start
     try:
-        async with session.post(url + "/v1/completions", json=body, headers=headers,
-                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+        async with session.post(
+            url + "/v1/completions",
+            json=body,
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
+        ) as resp:
             res.status = resp.status
             if resp.status != 200:
                 text = await resp.text()
@@ -214,7 +265,8 @@ async def _send(session: Any, url: str, model: str, spec: RequestSpec, t0: float
                     res.prompt_tokens = usage.get("prompt_tokens", 0)
                     res.usage_completion_tokens = usage.get("completion_tokens")
                     res.cached_tokens = (usage.get("prompt_tokens_details") or {}).get(
-                        "cached_tokens", 0) or 0
+                        "cached_tokens", 0
+                    ) or 0
                 for choice in chunk.get("choices") or ():
                     ids = choice.get("token_ids")
                     k = len(ids) if ids is not None else (1 if choice.get("text") else 0)
@@ -239,16 +291,23 @@ async def _send(session: Any, url: str, model: str, spec: RequestSpec, t0: float
     except asyncio.CancelledError:
         res.cancelled = True
         res.error = "cancelled by the client at the run's stop time"
-    except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
+    except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError) as exc:
         res.error = f"{type(exc).__name__}: {exc}"[:300]
     return res
 
 
-async def run_load(url: str, specs: tuple[RequestSpec, ...] | list[RequestSpec], *, model: str,
-                   timeout_s: float = 600.0, stop_after_s: float | None = None,
-                   progress: bool = True, desc: str = "load",
-                   extra_body: dict[str, Any] | None = None) -> RunResult:
-    """Send every spec at its arrival offset; wait for all (or cancel what is left at ``stop_after_s``)."""
+async def run_load(
+    url: str,
+    specs: tuple[RequestSpec, ...] | list[RequestSpec],
+    *,
+    model: str,
+    timeout_s: float = 600.0,
+    stop_after_s: float | None = None,
+    progress: bool = True,
+    desc: str = "load",
+    extra_body: dict[str, Any] | None = None,
+) -> RunResult:
+    """Send every spec at its arrival offset; wait for all (or cancel the rest at stop_after_s)."""
     import aiohttp
 
     url = url.rstrip("/")
@@ -294,19 +353,28 @@ async def run_load(url: str, specs: tuple[RequestSpec, ...] | list[RequestSpec],
         if t is not None and t.done() and not t.cancelled():
             results.append(t.result())
         else:
-            results.append(RequestResult(spec.tag, spec.arrival_s, cancelled=True,
-                                         error="never sent (run stopped)"))
+            results.append(
+                RequestResult(
+                    spec.tag, spec.arrival_s, cancelled=True, error="never sent (run stopped)"
+                )
+            )
     ends = [r.sent_s + (r.e2e_s or 0.0) for r in results if r.status == 200]
     firsts = [r.sent_s for r in results if r.status or r.error]
     elapsed = (max(ends) - min(firsts)) if ends and firsts else time.perf_counter() - t0
     return RunResult(results, elapsed)
 
 
-def window_itl(results: list[RequestResult], start_s: float, end_s: float,
-               tags: tuple[str, ...] = ("stream",)) -> list[float]:
+def window_itl(
+    results: list[RequestResult], start_s: float, end_s: float, tags: tuple[str, ...] = ("stream",)
+) -> list[float]:
     """Inter-token gaps of ``tags`` requests whose chunk arrived in [start_s, end_s) of the run."""
-    return [g for r in results if r.tag in tags
-            for g, t in zip(r.itl_s, r.token_t_s) if start_s <= t < end_s]
+    return [
+        g
+        for r in results
+        if r.tag in tags
+        for g, t in zip(r.itl_s, r.token_t_s)
+        if start_s <= t < end_s
+    ]
 
 
 def result_records(run: RunResult) -> list[dict[str, Any]]:
@@ -321,7 +389,7 @@ def result_records(run: RunResult) -> list[dict[str, Any]]:
     return rows
 
 
-# -- plots --------------------------------------------------------------------------------------------
+# -- plots -----------------------------------------------------------------------------------------
 def _pyplot() -> Any | None:
     try:
         import matplotlib
@@ -342,9 +410,14 @@ def plot_cdfs(series: dict[str, RunResult], path: Path, title: str = "") -> Path
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for label, run in series.items():
         ok = [r for r in run.results if r.ok]
-        for ax, xs in zip(axes, ([r.ttft_s for r in ok if r.ttft_s is not None],
-                                 [g for r in ok for g in r.itl_s],
-                                 [r.e2e_s for r in ok if r.e2e_s is not None])):
+        for ax, xs in zip(
+            axes,
+            (
+                [r.ttft_s for r in ok if r.ttft_s is not None],
+                [g for r in ok for g in r.itl_s],
+                [r.e2e_s for r in ok if r.e2e_s is not None],
+            ),
+        ):
             if xs:
                 s = sorted(x * 1e3 for x in xs)
                 ax.plot(s, [(i + 1) / len(s) for i in range(len(s))], label=label)
@@ -361,8 +434,9 @@ def plot_cdfs(series: dict[str, RunResult], path: Path, title: str = "") -> Path
     return path
 
 
-def plot_goodput(curves: dict[str, list[tuple[float, dict[str, Any]]]], path: Path,
-                 title: str = "") -> Path | None:
+def plot_goodput(
+    curves: dict[str, list[tuple[float, dict[str, Any]]]], path: Path, title: str = ""
+) -> Path | None:
     """Goodput and throughput (requests/s) against offered rate, one line per configuration."""
     plt = _pyplot()
     if plt is None:
@@ -372,8 +446,13 @@ def plot_goodput(curves: dict[str, list[tuple[float, dict[str, Any]]]], path: Pa
         pts = sorted(pts, key=lambda p: p[0])
         xs = [p[0] for p in pts]
         ax.plot(xs, [p[1]["goodput_rps"] for p in pts], marker="o", label=f"{label} goodput")
-        ax.plot(xs, [p[1]["throughput_rps"] for p in pts], ls="--", alpha=0.5,
-                label=f"{label} throughput")
+        ax.plot(
+            xs,
+            [p[1]["throughput_rps"] for p in pts],
+            ls="--",
+            alpha=0.5,
+            label=f"{label} throughput",
+        )
     ax.set_xlabel("offered rate (requests/s)")
     ax.set_ylabel("requests/s")
     ax.grid(alpha=0.3)
@@ -385,24 +464,37 @@ def plot_goodput(curves: dict[str, list[tuple[float, dict[str, Any]]]], path: Pa
     return path
 
 
-# -- CLI ----------------------------------------------------------------------------------------------
+# -- CLI -------------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default="http://127.0.0.1:8000")
-    p.add_argument("--workload", default="a", choices=["a", "b", "c", "d"],
-                   help="a shared system prompt | b long-prefill interference | c ShareGPT-like | d burst")
+    p.add_argument(
+        "--workload",
+        default="a",
+        choices=["a", "b", "c", "d"],
+        help="a shared system prompt | b long-prefill interference | c ShareGPT-like | d burst",
+    )
     rate = p.add_mutually_exclusive_group()
     rate.add_argument("--rate", type=float, default=None, help="requests/s (Poisson)")
     rate.add_argument("--rates", default=None, help="comma-separated sweep, e.g. 1,2,4")
     p.add_argument("--duration", type=float, default=30.0, help="arrival window per rate (s)")
-    p.add_argument("--api-key", default=None,
-                   help="API key; 'K1,K2' gives workload a's products A and B their own tenants")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="API key; 'K1,K2' gives workload a's products A and B their own tenants",
+    )
     p.add_argument("--model", default=None, help="model id (default: the server's first model)")
-    p.add_argument("--out", type=Path, default=None, help="directory (default bench/results/serve_load)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="directory (default bench/results/serve_load)"
+    )
     p.add_argument("--slo-ttft", type=float, default=1.0, help="seconds")
     p.add_argument("--slo-itl", type=float, default=0.05, help="seconds")
-    p.add_argument("--vocab-size", type=int, default=32000, help="prompt token ids are drawn below this")
+    p.add_argument(
+        "--vocab-size", type=int, default=32000, help="prompt token ids are drawn below this"
+    )
     p.add_argument("--scale", type=float, default=1.0, help="prompt and output length factor")
-    p.add_argument("--output-scale", type=float, default=None, help="output length factor (default --scale)")
+    p.add_argument(
+        "--output-scale", type=float, default=None, help="output length factor (default --scale)"
+    )
     p.add_argument("--arrival", default="poisson", choices=["poisson", "uniform", "burst"])
     p.add_argument("--burst-size", type=int, default=100, help="workload d: requests sent at once")
     p.add_argument("--streams", type=int, default=16, help="workload b: decode streams")
@@ -416,27 +508,34 @@ async def _first_model(url: str, key: str | None) -> str:
     import aiohttp
 
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    async with aiohttp.ClientSession() as s:
-        async with s.get(url.rstrip("/") + "/v1/models", headers=headers,
-                         timeout=aiohttp.ClientTimeout(total=30)) as r:
-            if r.status != 200:
-                raise ValueError(f"GET /v1/models answered {r.status}: {(await r.text())[:200]}")
-            return (await r.json())["data"][0]["id"]
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(
+            url.rstrip("/") + "/v1/models", headers=headers, timeout=aiohttp.ClientTimeout(total=30)
+        ) as r,
+    ):
+        if r.status != 200:
+            raise ValueError(f"GET /v1/models answered {r.status}: {(await r.text())[:200]}")
+        return (await r.json())["data"][0]["id"]
 
 
-def build_workload(args: argparse.Namespace, rate: float | None, keys: tuple[str | None, ...]
-                   ) -> Workload:
+def build_workload(
+    args: argparse.Namespace, rate: float | None, keys: tuple[str | None, ...]
+) -> Workload:
     scale = LengthScale(args.scale, args.output_scale or args.scale)
-    common = dict(vocab_size=args.vocab_size, scale=scale, seed=args.seed)
+    common = {"vocab_size": args.vocab_size, "scale": scale, "seed": args.seed}
     if args.workload == "a":
-        return shared_system_prompt(rate or 1.0, args.duration, api_keys=(keys[0], keys[-1]),
-                                    arrival=args.arrival, **common)
+        return shared_system_prompt(
+            rate or 1.0, args.duration, api_keys=(keys[0], keys[-1]), arrival=args.arrival, **common
+        )
     if args.workload == "b":
-        return long_prefill_interference(args.duration, num_streams=args.streams,
-                                         api_key=keys[0], **common)
+        return long_prefill_interference(
+            args.duration, num_streams=args.streams, api_key=keys[0], **common
+        )
     if args.workload == "c":
-        return sharegpt_like(rate or 1.0, args.duration, api_key=keys[0], arrival=args.arrival,
-                             **common)
+        return sharegpt_like(
+            rate or 1.0, args.duration, api_key=keys[0], arrival=args.arrival, **common
+        )
     return burst(args.burst_size, api_keys=keys, **common)
 
 
@@ -459,8 +558,16 @@ def run_cli(args: argparse.Namespace) -> int:
         wl = build_workload(args, rate, keys)
         label = f"{rate:g} req/s" if rate is not None else wl.name
         print(f"{wl.name}: {len(wl.specs)} requests ({label})", flush=True)
-        run = asyncio.run(run_load(args.url, wl.specs, model=model, timeout_s=args.timeout,
-                                   progress=not args.no_progress, desc=label))
+        run = asyncio.run(
+            run_load(
+                args.url,
+                wl.specs,
+                model=model,
+                timeout_s=args.timeout,
+                progress=not args.no_progress,
+                desc=label,
+            )
+        )
         runs[label] = run
         summ = summarize(run, slo)
         if args.workload == "b":
@@ -469,26 +576,48 @@ def run_cli(args: argparse.Namespace) -> int:
             mixed = window_itl(run.results, t, wl.meta["duration_s"])
             summ["stream_itl_p99_alone_s"] = percentile(alone, 0.99)
             summ["stream_itl_p99_with_long_s"] = percentile(mixed, 0.99)
-            summ["itl_p99_ratio"] = summ["stream_itl_p99_with_long_s"] / summ["stream_itl_p99_alone_s"]
-        rows.append({"rate": rate, "workload": wl.meta, "summary": summ,
-                     "requests": result_records(run)})
-        print(f"  completed {summ['completed']}/{summ['requests']}, 429 {summ['rejected_429']}, "
-              f"goodput {summ['goodput_rps']:.2f} req/s, TTFT p99 "
-              f"{summ['ttft_s'].get('p99', float('nan')) * 1e3:.1f} ms, ITL p99 "
-              f"{summ['itl_s'].get('p99', float('nan')) * 1e3:.1f} ms", flush=True)
+            summ["itl_p99_ratio"] = (
+                summ["stream_itl_p99_with_long_s"] / summ["stream_itl_p99_alone_s"]
+            )
+        rows.append(
+            {"rate": rate, "workload": wl.meta, "summary": summ, "requests": result_records(run)}
+        )
+        print(
+            f"  completed {summ['completed']}/{summ['requests']}, 429 {summ['rejected_429']}, "
+            f"goodput {summ['goodput_rps']:.2f} req/s, TTFT p99 "
+            f"{summ['ttft_s'].get('p99', float('nan')) * 1e3:.1f} ms, ITL p99 "
+            f"{summ['itl_s'].get('p99', float('nan')) * 1e3:.1f} ms",
+            flush=True,
+        )
     out.mkdir(parents=True, exist_ok=True)
     plots = [plot_cdfs(runs, out / f"{args.name}_cdf.png", f"{args.name}: latency CDFs")]
     if len(rates) > 1:
-        plots.append(plot_goodput({model: [(r["rate"], r["summary"]) for r in rows]},
-                                  out / f"{args.name}_goodput.png", f"goodput at SLO ({model})"))
-    write_result(args.name, {"url": args.url, "model": model, "workload": args.workload,
-                             "slo": asdict(slo), "runs": rows,
-                             "plots": [str(p) for p in plots if p is not None]}, out)
+        plots.append(
+            plot_goodput(
+                {model: [(r["rate"], r["summary"]) for r in rows]},
+                out / f"{args.name}_goodput.png",
+                f"goodput at SLO ({model})",
+            )
+        )
+    write_result(
+        args.name,
+        {
+            "url": args.url,
+            "model": model,
+            "workload": args.workload,
+            "slo": asdict(slo),
+            "runs": rows,
+            "plots": [str(p) for p in plots if p is not None],
+        },
+        out,
+    )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(ap)
     return run_cli(ap.parse_args(argv))
 

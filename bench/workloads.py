@@ -1,15 +1,16 @@
 """Seeded serving workloads (no download): each is a list of ``RequestSpec`` with arrival offsets.
 
-Prompts are token ids (sent to ``/v1/completions`` as a list), so lengths are exact whatever the tokenizer;
-``vocab_size`` bounds the ids (the router refuses ids outside its tokenizer's vocabulary). Every generator
-takes a ``LengthScale`` so the same shapes run in seconds on CPU (``scale=0.05``) or at full size on a GPU.
+Prompts are token ids (sent to ``/v1/completions`` as a list), so lengths are exact whatever the
+tokenizer; ``vocab_size`` bounds the ids (the router refuses ids outside its tokenizer's
+vocabulary). Every generator takes a ``LengthScale`` so the same shapes run in seconds on CPU
+(``scale=0.05``) or at full size on a GPU.
 
-(a) ``shared_system_prompt``: products A (chat, ~50 output tokens) and B (reports, ~1500) share a 220-token
-    system prompt; user prompts 20-2000 tokens (log-uniform); 50/50 mix; A and B use two tenants' API keys
-    that the operator put in one prefix namespace. Poisson (or burst) arrivals at a given rate.
-(b) ``long_prefill_interference``: steady decode streams from t=0, plus periodic 8000-token prompts from
-    ``long_start_s`` on; comparing the streams' ITL before and after ``long_start_s`` isolates the stall.
-(c) ``sharegpt_like``: log-normal prompt/output lengths shaped like ShareGPT conversations (fixed seed).
+(a) ``shared_system_prompt``: products A (chat, ~50 output tokens) and B (reports, ~1500) share a
+    220-token system prompt; user prompts 20-2000 tokens (log-uniform); 50/50 mix; A and B use two
+    tenants' API keys that the operator put in one prefix namespace. Poisson (or burst) arrivals.
+(b) ``long_prefill_interference``: steady decode streams from t=0, plus periodic 8000-token prompts
+    from ``long_start_s`` on; the streams' ITL before vs after ``long_start_s`` isolates the stall.
+(c) ``sharegpt_like``: log-normal prompt/output lengths shaped like ShareGPT conversations (seeded).
 (d) ``burst``: ``n`` requests at once (the caller picks n = 10x the server's capacity).
 """
 
@@ -37,14 +38,16 @@ class RequestSpec:
 
 @dataclass(frozen=True)
 class LengthScale:
-    """Multiplies prompt and output lengths (each stays >= 1 token); 1.0 is the full-size workload."""
+    """Multiplies prompt and output lengths (each stays >= 1 token); 1.0 is full size."""
 
     prompt: float = 1.0
     output: float = 1.0
 
     def __post_init__(self) -> None:
         if not (self.prompt > 0 and self.output > 0):
-            raise ValueError(f"invalid LengthScale prompt={self.prompt} output={self.output}: must be > 0")
+            raise ValueError(
+                f"invalid LengthScale prompt={self.prompt} output={self.output}: must be > 0"
+            )
 
     def p(self, n: float) -> int:
         return max(1, round(n * self.prompt))
@@ -61,12 +64,16 @@ class Workload:
 
 
 def _ids(rng: random.Random, n: int, vocab_size: int) -> tuple[int, ...]:
-    lo = min(16, vocab_size // 4)  # keep clear of the special tokens at the start of most vocabularies
+    lo = min(
+        16, vocab_size // 4
+    )  # keep clear of the special tokens at the start of most vocabularies
     return tuple(rng.randrange(lo, vocab_size) for _ in range(n))
 
 
-def arrivals(rate: float, duration_s: float, rng: random.Random, kind: str = "poisson") -> list[float]:
-    """Arrival offsets in [0, duration_s): Poisson (exponential gaps), uniform (fixed gaps) or burst (all 0)."""
+def arrivals(
+    rate: float, duration_s: float, rng: random.Random, kind: str = "poisson"
+) -> list[float]:
+    """Arrival offsets in [0, duration_s): Poisson, uniform (fixed gaps) or burst (all at 0)."""
     if rate <= 0 or duration_s <= 0:
         raise ValueError(f"rate ({rate}) and duration_s ({duration_s}) must be > 0")
     n_fixed = max(1, round(rate * duration_s))
@@ -84,8 +91,14 @@ def arrivals(rate: float, duration_s: float, rng: random.Random, kind: str = "po
 
 
 def shared_system_prompt(
-    rate: float, duration_s: float, *, vocab_size: int, api_keys: tuple[str | None, str | None] = (None, None),
-    scale: LengthScale = LengthScale(), seed: int = 0, arrival: str = "poisson",
+    rate: float,
+    duration_s: float,
+    *,
+    vocab_size: int,
+    api_keys: tuple[str | None, str | None] = (None, None),
+    scale: LengthScale = LengthScale(),
+    seed: int = 0,
+    arrival: str = "poisson",
 ) -> Workload:
     """Workload (a). Product A uses ``api_keys[0]``, B ``api_keys[1]``."""
     rng = random.Random(seed)
@@ -98,68 +111,153 @@ def shared_system_prompt(
         mean, sd = (50, 10) if product == "A" else (1500, 150)
         out = scale.o(max(1.0, rng.gauss(mean, sd)))
         specs.append(RequestSpec(system + user, out, t, api_keys[product == "B"], product))
-    return Workload("shared_system_prompt", tuple(specs), {
-        "rate": rate, "duration_s": duration_s, "arrival": arrival,
-        "system_prompt_tokens": len(system), "scale": scale.__dict__, "seed": seed})
+    return Workload(
+        "shared_system_prompt",
+        tuple(specs),
+        {
+            "rate": rate,
+            "duration_s": duration_s,
+            "arrival": arrival,
+            "system_prompt_tokens": len(system),
+            "scale": scale.__dict__,
+            "seed": seed,
+        },
+    )
 
 
 def long_prefill_interference(
-    duration_s: float, *, vocab_size: int, num_streams: int = 16, stream_prompt: int = 128,
-    stream_tokens: int = 2000, long_start_s: float | None = None, long_every_s: float = 3.0,
-    long_tokens: int = LONG_PROMPT_TOKENS, long_output: int = 8, api_key: str | None = None,
-    scale: LengthScale = LengthScale(), seed: int = 0,
+    duration_s: float,
+    *,
+    vocab_size: int,
+    num_streams: int = 16,
+    stream_prompt: int = 128,
+    stream_tokens: int = 2000,
+    long_start_s: float | None = None,
+    long_every_s: float = 3.0,
+    long_tokens: int = LONG_PROMPT_TOKENS,
+    long_output: int = 8,
+    api_key: str | None = None,
+    scale: LengthScale = LengthScale(),
+    seed: int = 0,
 ) -> Workload:
-    """Workload (b). Streams start in the first 0.5 s and decode ``stream_tokens`` each (make that outlast
-    ``duration_s``); long prompts arrive every ``long_every_s`` from ``long_start_s`` (default: half way)."""
+    """Workload (b). Streams start in the first 0.5 s and decode ``stream_tokens`` each (make that
+    outlast ``duration_s``); long prompts arrive every ``long_every_s`` from ``long_start_s``
+    (default: half way)."""
     rng = random.Random(seed)
     start = duration_s / 2 if long_start_s is None else long_start_s
-    specs = [RequestSpec(_ids(rng, scale.p(stream_prompt), vocab_size), stream_tokens,
-                         0.5 * i / max(1, num_streams), api_key, "stream") for i in range(num_streams)]
+    specs = [
+        RequestSpec(
+            _ids(rng, scale.p(stream_prompt), vocab_size),
+            stream_tokens,
+            0.5 * i / max(1, num_streams),
+            api_key,
+            "stream",
+        )
+        for i in range(num_streams)
+    ]
     t = start
     while t < duration_s:
-        specs.append(RequestSpec(_ids(rng, scale.p(long_tokens), vocab_size), long_output, t,
-                                 api_key, "long"))
+        specs.append(
+            RequestSpec(
+                _ids(rng, scale.p(long_tokens), vocab_size), long_output, t, api_key, "long"
+            )
+        )
         t += long_every_s
-    return Workload("long_prefill_interference", tuple(specs), {
-        "duration_s": duration_s, "num_streams": num_streams, "long_start_s": start,
-        "long_every_s": long_every_s, "long_prompt_tokens": scale.p(long_tokens),
-        "stream_tokens": stream_tokens, "scale": scale.__dict__, "seed": seed})
+    return Workload(
+        "long_prefill_interference",
+        tuple(specs),
+        {
+            "duration_s": duration_s,
+            "num_streams": num_streams,
+            "long_start_s": start,
+            "long_every_s": long_every_s,
+            "long_prompt_tokens": scale.p(long_tokens),
+            "stream_tokens": stream_tokens,
+            "scale": scale.__dict__,
+            "seed": seed,
+        },
+    )
 
 
 def sharegpt_like(
-    rate: float, duration_s: float, *, vocab_size: int, api_key: str | None = None,
-    scale: LengthScale = LengthScale(), seed: int = 0, arrival: str = "poisson", max_len: int = 4096,
+    rate: float,
+    duration_s: float,
+    *,
+    vocab_size: int,
+    api_key: str | None = None,
+    scale: LengthScale = LengthScale(),
+    seed: int = 0,
+    arrival: str = "poisson",
+    max_len: int = 4096,
 ) -> Workload:
-    """Workload (c): log-normal lengths with ShareGPT's rough shape (prompt median ~120, output ~180,
-    both heavy-tailed), clipped to [4, max_len]; generated, never downloaded."""
+    """Workload (c): log-normal lengths with ShareGPT's rough shape (prompt median ~120, output
+    ~180, both heavy-tailed), clipped to [4, max_len]; generated, never downloaded."""
     rng = random.Random(seed)
     specs = []
     for t in arrivals(rate, duration_s, rng, arrival):
         p = min(max_len, max(4, round(rng.lognormvariate(math.log(120), 1.1))))
         o = min(max_len // 2, max(4, round(rng.lognormvariate(math.log(180), 0.9))))
-        specs.append(RequestSpec(_ids(rng, scale.p(p), vocab_size), scale.o(o), t, api_key, "sharegpt"))
-    return Workload("sharegpt_like", tuple(specs), {
-        "rate": rate, "duration_s": duration_s, "arrival": arrival, "scale": scale.__dict__,
-        "seed": seed})
+        specs.append(
+            RequestSpec(_ids(rng, scale.p(p), vocab_size), scale.o(o), t, api_key, "sharegpt")
+        )
+    return Workload(
+        "sharegpt_like",
+        tuple(specs),
+        {
+            "rate": rate,
+            "duration_s": duration_s,
+            "arrival": arrival,
+            "scale": scale.__dict__,
+            "seed": seed,
+        },
+    )
 
 
 def burst(
-    n: int, *, vocab_size: int, prompt_tokens: int = 1536, max_tokens: int = 64,
-    api_keys: tuple[str | None, ...] = (None,), scale: LengthScale = LengthScale(), seed: int = 0,
+    n: int,
+    *,
+    vocab_size: int,
+    prompt_tokens: int = 1536,
+    max_tokens: int = 64,
+    api_keys: tuple[str | None, ...] = (None,),
+    scale: LengthScale = LengthScale(),
+    seed: int = 0,
 ) -> Workload:
     """Workload (d): ``n`` requests at t=0, keys round-robin (so every tenant queue fills)."""
     if n < 1:
         raise ValueError(f"burst size must be >= 1, got {n}")
     rng = random.Random(seed)
-    specs = tuple(RequestSpec(_ids(rng, scale.p(prompt_tokens), vocab_size), scale.o(max_tokens), 0.0,
-                              api_keys[i % len(api_keys)], "burst") for i in range(n))
-    return Workload("burst", specs, {"n": n, "prompt_tokens": scale.p(prompt_tokens),
-                                     "max_tokens": scale.o(max_tokens), "seed": seed})
+    specs = tuple(
+        RequestSpec(
+            _ids(rng, scale.p(prompt_tokens), vocab_size),
+            scale.o(max_tokens),
+            0.0,
+            api_keys[i % len(api_keys)],
+            "burst",
+        )
+        for i in range(n)
+    )
+    return Workload(
+        "burst",
+        specs,
+        {
+            "n": n,
+            "prompt_tokens": scale.p(prompt_tokens),
+            "max_tokens": scale.o(max_tokens),
+            "seed": seed,
+        },
+    )
 
 
-def burst_size(capacity_blocks: int, block_size: int, prompt_tokens: int, max_tokens: int,
-               factor: float = 10.0, cap: int = 2000) -> tuple[int, int]:
-    """(capacity in requests, burst size): how many such requests fit the KV budget at once, times factor."""
+def burst_size(
+    capacity_blocks: int,
+    block_size: int,
+    prompt_tokens: int,
+    max_tokens: int,
+    factor: float = 10.0,
+    cap: int = 2000,
+) -> tuple[int, int]:
+    """(capacity, burst size): how many such requests fit the KV budget at once, times factor."""
     per_request = -(-(prompt_tokens + max_tokens) // block_size)
     capacity = max(1, capacity_blocks // per_request)
     return capacity, min(cap, max(1, round(factor * capacity)))
