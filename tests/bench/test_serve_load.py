@@ -211,7 +211,7 @@ def test_cancel_at_stop_time_is_not_an_abort(router) -> None:
         api_key="sk-a",
     )
     run = asyncio.run(
-        run_load(router.base_url, wl.specs, model="tiny", progress=False, stop_after_s=0.6)
+        run_load(router.base_url, wl.specs, model="tiny", progress=False, stop_after_s=0.05)
     )
     s = summarize(run, SLO())
     assert s["cancelled_by_client"] >= 2 and s["aborted_or_error"] == 0, s
