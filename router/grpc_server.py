@@ -156,13 +156,66 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         return pb.HealthResponse(ok=ok, ready_workers=[w.worker_id for w in loads if w.ready])
 
 
+class _Malformed:
+    """Request bytes that did not parse (bad wire type, invalid UTF-8 in a string, junk): the
+    method answers INVALID_ARGUMENT instead of grpcio's UNKNOWN for a deserializer exception."""
+
+    def __init__(self, error: str) -> None:
+        self.error = APIError(400, error, code="invalid_message")
+
+
+def _lenient(cls: Any) -> Any:
+    def parse(raw: bytes) -> Any:
+        try:
+            return cls.FromString(raw)
+        except Exception as exc:  # noqa: BLE001 - DecodeError, UnicodeDecodeError, ...
+            return _Malformed(f"the {cls.__name__} message did not parse: {exc}")
+
+    return parse
+
+
+def _guard_stream(fn: Any) -> Any:
+    async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if isinstance(request, _Malformed):
+            await _fail(context, request.error)
+            return
+        async for msg in fn(request, context):
+            yield msg
+
+    return run
+
+
+def _guard_unary(fn: Any) -> Any:
+    async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, _Malformed):
+            await _fail(context, request.error)
+            return None
+        return await fn(request, context)
+
+    return run
+
+
+def _add_servicer(servicer: GenerationServicer, server: grpc.aio.Server) -> None:
+    """``add_GenerationServicer_to_server`` with lenient request parsing (see ``_Malformed``)."""
+    handlers = {"Generate": grpc.unary_stream_rpc_method_handler(
+        _guard_stream(servicer.Generate), request_deserializer=_lenient(pb.GenerateRequest),
+        response_serializer=pb.GenerateResponse.SerializeToString)}
+    for name in ("Abort", "Tokenize", "ListModels", "Health"):
+        handlers[name] = grpc.unary_unary_rpc_method_handler(
+            _guard_unary(getattr(servicer, name)),
+            request_deserializer=_lenient(getattr(pb, f"{name}Request")),
+            response_serializer=getattr(pb, f"{name}Response").SerializeToString)
+    service = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+
+
 async def start_grpc_server(core: RouterCore, host: str, port: int) -> tuple[grpc.aio.Server, int]:
     """Start the server on the running loop; returns it and the bound port (``port=0`` picks one)."""
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", core.config.server.max_body_bytes),
         ("grpc.so_reuseport", 1),
     ])
-    pb_grpc.add_GenerationServicer_to_server(GenerationServicer(core), server)
+    _add_servicer(GenerationServicer(core), server)
     names = (pb.DESCRIPTOR.services_by_name["Generation"].full_name, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
     bound = server.add_insecure_port(f"{host}:{port}")

@@ -213,8 +213,8 @@ def create_app(core: RouterCore) -> FastAPI:
         if raw.strip():
             try:
                 data = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise APIError(400, f"the body is not valid JSON: {exc}") from None
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+                raise APIError(400, f"the body is not valid JSON: {exc!r}") from None
             ns = data.get("namespace") if isinstance(data, dict) else None
             if ns is not None and not isinstance(ns, str):
                 raise APIError(400, "namespace must be a string", param="namespace")

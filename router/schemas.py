@@ -123,6 +123,8 @@ def parse_body(raw: bytes, model: type[_Req]) -> Any:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise bad_request(f"the body is not valid JSON: {exc}", None) from None
+    except RecursionError:  # thousands of nested brackets: the client's problem, not a 500
+        raise bad_request("the body is nested too deeply", None) from None
     if not isinstance(data, dict):
         raise bad_request("the body must be a JSON object", None)
     try:
