@@ -337,7 +337,8 @@ async def run_load(
                 await launcher
                 await asyncio.gather(*tasks)
             else:
-                await asyncio.wait_for(launcher, stop_after_s)
+                await asyncio.wait([launcher], timeout=stop_after_s)
+                launcher.cancel()  # arrivals after the stop are never sent
                 left = stop_after_s - (time.perf_counter() - t0)
                 if tasks:
                     _, pending = await asyncio.wait(tasks, timeout=max(0.0, left))
