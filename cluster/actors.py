@@ -23,8 +23,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from baton.workers.messages import GenerateDelta, GenerateRequest
+from baton.cluster import tracing
 from baton.cluster.pool_config import PoolConfig
 from baton.cluster.transfer import TransferError, make_transport
+from baton.cluster.worker_telemetry import DecodeTrace, failure_reason, record_prefill
 from baton.workers.engine import EngineCore
 from baton.workers.kv_handle import verify
 from baton.workers.roles import (
@@ -98,6 +100,7 @@ class _Worker:
 
     def __init__(self, worker_id: str, config: PoolConfig, transport: str) -> None:
         logging.basicConfig(level=logging.INFO)
+        tracing.setup_tracing(f"baton-{self.kind}")
         self.worker_id = worker_id
         self.config = config
         engine = EngineCore(config.engine, worker_id=worker_id)
@@ -115,6 +118,7 @@ class _Worker:
             self.endpoint = self.transport.serve(self.prefill_role.buffer_for, self.prefill_role.note_sent)
         self._streams: dict[str, DeltaStream] = {}
         self._events: dict[str, asyncio.Event] = {}
+        self._traces: dict[str, DecodeTrace] = {}
         self._pair_locks: dict[str, asyncio.Lock] = {}
         self._ids = itertools.count(1)
         self._info = WorkerInfo(worker_id, self.kind, _node_id(), self.endpoint, transport,
@@ -133,6 +137,7 @@ class _Worker:
         role = self._need_prefill()
         fut = role.prefill(req.request_id, req.prompt_token_ids, req.params, namespace=req.namespace)
         res: PrefillResult = await asyncio.wrap_future(fut)
+        record_prefill(req, res, self.worker_id)
         payload = b""
         if res.handle is not None and self.transport.caps.exports_payload:
             held = role.buffer_for(req.request_id)
@@ -174,20 +179,27 @@ class _Worker:
         role = self._need_decode()
         kv, err, tokens, emit = None, None, resume_tokens, resume_tokens[unsent_from:]
         lps: tuple = ()
+        trace = DecodeTrace.open(req, self.worker_id, self._info.transport)
         if offer is not None and offer.result.handle is not None:
             res = offer.result
             tokens, emit = (res.first_token_id,), (res.first_token_id,)
             lps = (res.first_logprob,) if res.first_logprob is not None else ()
+            t0 = time.monotonic()
             try:
                 kv = await self._pull(offer, source)
                 role.transfers_ok += 1
+                role.transfers.observe(time.monotonic() - t0, int(getattr(kv, "nbytes", 0)))
             except Exception as exc:  # noqa: BLE001 - every failure ends in one local recompute
                 err = f"{type(exc).__name__}: {exc}"
                 role.transfer_failures += 1
+                role.transfers.fail(failure_reason(exc))
                 log.warning("%s: KV pull of %s failed, recomputing: %s",
                             self.worker_id, req.request_id, err)
             if source is not None:
                 source.actor.ack.remote(req.request_id)  # fire and forget: a dead source frees nothing
+            if trace is not None:
+                trace.transfer(t0, int(getattr(kv, "nbytes", 0)), len(res.handle.block_ids), err,
+                               kv is None)
         stream = role.start(
             req.request_id, req.prompt_token_ids, req.params, namespace=req.namespace,
             output_token_ids=tokens, kv=kv, emit_prefix=emit, emit_prefix_logprobs=lps,
@@ -204,6 +216,9 @@ class _Worker:
         except Exception:
             self._forget(req.request_id)
             raise
+        if trace is not None:
+            trace.start_decode(bool(placed), bool(resume_tokens))
+            self._traces[req.request_id] = trace
         return StartResult(bool(placed), err)
 
     async def _pull(self, offer: PrefillOffer, source: SourceRef | None):
@@ -271,6 +286,9 @@ class _Worker:
                 except asyncio.TimeoutError:
                     pass
                 items = stream.poll(0)
+        trace = self._traces.get(request_id)
+        if trace is not None and items:
+            trace.observe(items)
         if items and items[-1].finish_reason is not None:
             self._forget(request_id)
         return items
@@ -278,6 +296,9 @@ class _Worker:
     def _forget(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
         self._events.pop(request_id, None)
+        trace = self._traces.pop(request_id, None)
+        if trace is not None:
+            trace.close()
 
     async def abort(self, request_id: str) -> bool:
         hit = False

@@ -127,8 +127,29 @@ class SLOSection(_Strict):
 
 
 class ObservabilitySection(_Strict):
+    """Tracing (OTLP endpoint; the standard ``OTEL_*`` variables work too) and the monitors."""
+
     otlp_endpoint: str | None = None
     service_name: str = "baton"
+    # Prompt-injection indicators: name -> regex (None: the built-in list); labels only, never text.
+    injection_patterns: dict[str, str] | None = None
+    injection_heuristics: bool = True
+    scan_outputs: bool = True
+    finish_ratio_window: int = Field(default=1000, ge=1)
+    drift_recent: int = Field(default=50, ge=2)
+    drift_baseline_alpha: float = Field(default=0.002, gt=0, lt=1)
+    drift_min_samples: int = Field(default=20, ge=1)
+
+    @model_validator(mode="after")
+    def _check_patterns(self) -> ObservabilitySection:
+        import re
+
+        for name, rx in (self.injection_patterns or {}).items():
+            try:
+                re.compile(rx)
+            except re.error as exc:
+                raise ValueError(f"injection_patterns[{name!r}]: {exc}") from None
+        return self
 
 
 class ServerSection(_Strict):

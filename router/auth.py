@@ -116,6 +116,13 @@ class Authenticator:
     def num_keys(self) -> int:
         return len(self._entries)
 
+    @property
+    def tenant_names(self) -> frozenset[str]:
+        """Configured tenants (bounded: safe as a metrics label)."""
+        if self.dev_mode:
+            return frozenset({DEV_TENANT})
+        return frozenset(t.name for _, t in self._entries)
+
 
 def bearer_key(authorization: str | None, x_api_key: str | None = None) -> str | None:
     """The key from ``Authorization: Bearer <key>`` (what the openai client sends) or ``x-api-key``."""

@@ -40,6 +40,11 @@ class WorkerLoad:
     prefix_queries: int = 0
     prefix_hits: int = 0
     integrity_error: str | None = None  # set when a block-accounting check failed on the worker
+    transport: str = ""  # the KV transport its pulls use (decode side)
+    transfer_bytes: int = 0
+    transfer_seconds_sum: float = 0.0
+    transfer_buckets: tuple[int, ...] = ()  # per workers.roles.TRANSFER_BUCKETS, +Inf last
+    transfer_failure_reasons: tuple[tuple[str, int], ...] = ()
 
     @property
     def serves_decode(self) -> bool:

@@ -76,7 +76,12 @@ class ClusterEngineClient:
             loads.append(WorkerLoad(
                 wid, role, True, num_running=s.num_running, num_waiting=s.num_waiting,
                 kv_usage=s.kv_usage, num_total_blocks=s.num_total_blocks,
-                num_free_blocks=s.num_free_blocks, block_size=s.block_size))
+                num_free_blocks=s.num_free_blocks, block_size=s.block_size,
+                num_preemptions=s.num_preemptions, prefix_queries=s.prefix_queries,
+                prefix_hits=s.prefix_hits, transport=info.transport if info else "",
+                transfer_bytes=s.transfer_bytes, transfer_seconds_sum=s.transfer_seconds_sum,
+                transfer_buckets=s.transfer_buckets,
+                transfer_failure_reasons=s.transfer_failure_reasons))
         return loads
 
     async def check_integrity(self) -> str | None:

@@ -28,7 +28,9 @@ from baton.router.auth import Authenticator, Tenant
 from baton.router.client_protocol import EngineClient, WorkerLoad
 from baton.router.errors import APIError, bad_request, context_overflow, model_not_found, unauthorized
 from baton.router.metrics import RouterMetrics
+from baton.router.monitors import DriftMonitor, FinishRatio, InjectionDetector, StreamScanner
 from baton.router.routing import PrefixRouter
+from baton.router.tracing import RequestTrace, setup_tracing
 from baton.workers.block_hash import CacheIdentity
 from baton.workers.sampling_params import SamplingParams
 
@@ -108,9 +110,10 @@ def new_traceparent() -> str:
 
 
 def trace_context(traceparent: str | None, tracestate: str | None) -> dict[str, str]:
-    """W3C trace context to carry to the workers; a fresh root when the caller sent none (or junk)."""
-    ctx = {"traceparent": traceparent if traceparent and _TRACEPARENT_RE.match(traceparent)
-           else new_traceparent()}
+    """The caller's W3C trace context if valid (it parents the ``request`` span), else empty."""
+    if not (traceparent and _TRACEPARENT_RE.match(traceparent)):
+        return {}
+    ctx = {"traceparent": traceparent}
     if tracestate:
         ctx["tracestate"] = tracestate[:512]
     return ctx
@@ -120,12 +123,18 @@ class OpenStream:
     """A running request: iterate for deltas (the first already received); ``aclose`` aborts if unfinished."""
 
     def __init__(self, core: RouterCore, rid: str, ticket: Ticket, agen: AsyncIterator[GenerateDelta],
-                 first: GenerateDelta, arrival: float, tenant: Tenant, client_rid: str | None) -> None:
+                 first: GenerateDelta, arrival: float, tenant: Tenant, client_rid: str | None,
+                 route: str = "", trace: RequestTrace | None = None) -> None:
         self.core, self.request_id, self.ticket = core, rid, ticket
         self._agen, self._first, self._arrival = agen, first, arrival
         self.tenant, self.client_rid = tenant, client_rid
+        self.route, self.trace = route, trace
         self.done = False
         self._last_token_t: float | None = None
+        self.token_ids: list[int] = []
+        self.prompt_tokens = self.cached_tokens = 0
+        self.error: str | None = None
+        self.scanner = core._stream_scanner()
 
     def __aiter__(self) -> OpenStream:
         return self
@@ -171,7 +180,14 @@ class RouterCore:
         self.client = client
         self.model = model
         self.auth = auth
-        self.metrics = metrics or RouterMetrics(model.name)
+        obs = config.observability
+        setup_tracing(obs.service_name, endpoint=obs.otlp_endpoint)  # once per process
+        self.metrics = metrics or RouterMetrics(model.name, tenants=auth.tenant_names)
+        self.injection = InjectionDetector(obs.injection_patterns, obs.injection_heuristics)
+        self.finish_ratio = FinishRatio(obs.finish_ratio_window)
+        self.drift = DriftMonitor(obs.drift_recent, obs.drift_baseline_alpha,
+                                  min_samples=obs.drift_min_samples)
+        self._refreshes = 0
         total = config.admission.kv_blocks_override or 1
         self.admission = AdmissionController(config.admission, total_blocks=total,
                                              block_size=model.block_size)
@@ -204,6 +220,13 @@ class RouterCore:
             self.admission.set_capacity(sum(w.num_total_blocks for w in decode),
                                         decode[0].block_size)
         self.metrics.observe_loads(loads)
+        self._refreshes += 1
+        if self.directory is not None and self._refreshes % 10 == 1:
+            try:
+                stats = await asyncio.wait_for(self.directory.stats.remote(), 2.0)
+                self.metrics.observe_directory(stats)
+            except Exception as exc:  # noqa: BLE001 - advisory: keep serving without it
+                log.debug("prefix directory stats failed: %s", exc)
         return loads
 
     async def close(self) -> None:
@@ -299,19 +322,39 @@ class RouterCore:
                 raise bad_request(f"request_id {client_request_id!r} is already running",
                                   "request_id")
         key = route_key(tenant.namespace, sub.route)
+        span = RequestTrace.open(trace, model=self.model.name, tenant=tenant.name, route=sub.route,
+                                 request_id=rid, prompt_tokens=len(sub.prompt_ids),
+                                 params=sub.params, block_size=self.model.block_size)
+        if span is not None:
+            span.admission_started()
         try:
             ticket = await self.admission.acquire(rid, tenant.name, key, len(sub.prompt_ids),
                                                   sub.params.max_tokens)
         except APIError as exc:
-            self.metrics.rejections.labels(self.model.name, exc.code or "rejected").inc()
+            self.metrics.rejections.labels(self.model.name, exc.code or "rejected",
+                                           self.metrics.tenant(tenant.name)).inc()
+            if span is not None:
+                span.failed(exc)
             raise
+        except BaseException as exc:
+            if span is not None:
+                span.failed(exc)
+            raise
+        if span is not None:
+            span.admission_done(ticket.queue_time_s, ticket.predicted)
         self.metrics.queue_time.labels(self.model.name).observe(ticket.queue_time_s)
         self._gauges()
         try:
             route = await self.router.pick(sub.prompt_ids, tenant.namespace, self.loads,
                                            short_prompt_tokens=self.config.pools.short_prompt_tokens)
+            if span is not None:
+                span.routed(getattr(route, "prefill_worker", None),
+                            getattr(route, "decode_worker", None),
+                            int(getattr(route, "num_cached_tokens", 0) or 0))
+            carry = span.carry() if span is not None else (trace or {
+                "traceparent": new_traceparent()})
             req = GenerateRequest(rid, sub.prompt_ids, sub.params, namespace=tenant.namespace,
-                                  tenant=tenant.name, trace_context=trace or {},
+                                  tenant=tenant.name, trace_context=carry,
                                   deadline_s=self.config.server.request_timeout_s)
             self.metrics.router_overhead.labels(self.model.name).observe(
                 time.monotonic() - arrival - ticket.queue_time_s)
@@ -321,6 +364,8 @@ class RouterCore:
             self.admission.release(ticket, None)
             self._gauges()
             self._background(self.client.abort(rid))
+            if span is not None:
+                span.failed(exc)
             if isinstance(exc, APIError):
                 raise
             if isinstance(exc, ValueError):  # engine-side validation (context, KV capacity, vocab)
@@ -333,13 +378,31 @@ class RouterCore:
             if isinstance(exc, StopAsyncIteration):
                 raise APIError(503, "the worker closed the stream before answering") from None
             raise
-        stream = OpenStream(self, rid, ticket, agen, first, arrival, tenant, client_request_id)
+        stream = OpenStream(self, rid, ticket, agen, first, arrival, tenant, client_request_id,
+                            sub.route, span)
         if client_request_id is not None:
             self._live[(tenant.name, client_request_id)] = rid
         return stream
 
+    def _stream_scanner(self) -> StreamScanner | None:
+        return StreamScanner(self.injection) if self.config.observability.scan_outputs else None
+
+    def inspect_prompt(self, texts: Sequence[str]) -> set[str]:
+        """Count prompt-injection indicators in a request's user-supplied text (labels only)."""
+        hits: set[str] = set()
+        for text in texts:
+            if text:
+                hits |= self.injection.scan(text)
+        for name in hits:
+            self.metrics.injection.labels(self.model.name, "prompt", name).inc()
+        return hits
+
     def _on_delta(self, s: OpenStream, d: GenerateDelta) -> None:
         n = len(d.token_ids)
+        if d.num_prompt_tokens:
+            s.prompt_tokens = d.num_prompt_tokens
+        if d.error:
+            s.error = d.error
         if n:
             now = time.monotonic()
             m = self.model.name
@@ -347,11 +410,19 @@ class RouterCore:
                 self.metrics.ttft.labels(m).observe(now - s._arrival)
                 self.metrics.prompt_tokens.labels(m).inc(d.num_prompt_tokens)
                 self.metrics.cached_tokens.labels(m).inc(d.num_cached_tokens)
+                s.cached_tokens = d.num_cached_tokens
+                if s.trace is not None:
+                    s.trace.first_token()
             else:
                 self.metrics.itl.labels(m).observe((now - s._last_token_t) / n)
             s._last_token_t = now
+            s.token_ids.extend(d.token_ids)
             self.metrics.generation_tokens.labels(m).inc(n)
+            self.metrics.tenant_tokens.labels(m, self.metrics.tenant(s.tenant.name)).inc(n)
             self.admission.progress(s.ticket, n)
+        if s.scanner is not None and d.text:
+            for name in s.scanner.feed(d.text):
+                self.metrics.injection.labels(self.model.name, "output", name).inc()
 
     def _finish(self, s: OpenStream, reason: str | None) -> None:
         m = self.model.name
@@ -362,7 +433,23 @@ class RouterCore:
             self._background(self.client.abort(s.request_id))
             reason = "abort"
         self.metrics.requests.labels(m, reason).inc()
+        self.metrics.tenant_requests.labels(m, self.metrics.tenant(s.tenant.name), reason).inc()
         self.metrics.e2e.labels(m).observe(time.monotonic() - s._arrival)
+        if reason in ("stop", "length"):
+            self.metrics.prediction_error.labels(m).observe(s.ticket.generated - s.ticket.predicted)
+            self.drift.observe(s.route, s.token_ids)
+            r = self.drift.reading(s.route)
+            if r is not None:
+                self.metrics.drift_score.labels(m, s.route).set(r.score)
+                self.metrics.token_js.labels(m, s.route).set(r.token_js)
+                self.metrics.output_length.labels(m, s.route, "recent").set(r.recent_mean_tokens)
+                self.metrics.output_length.labels(m, s.route, "baseline").set(
+                    r.baseline_mean_tokens)
+        if reason != "abort":
+            self.metrics.finish_length_ratio.labels(m).set(self.finish_ratio.observe(reason))
+        if s.trace is not None:
+            s.trace.finish(reason, prompt_tokens=s.prompt_tokens, cached_tokens=s.cached_tokens,
+                           output_tokens=len(s.token_ids), error=s.error)
         self._gauges()
 
     def _gauges(self) -> None:

@@ -61,6 +61,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     def _prompt(self, request: Any) -> list[int]:
         which = request.WhichOneof("input")
         if which == "text":
+            self.core.inspect_prompt((request.text,))
             return self.core.encode(request.text, "text")
         if which == "token_ids":
             return self.core.encode(list(request.token_ids.ids), "token_ids")
@@ -68,6 +69,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             msgs = [{"role": m.role, "content": m.content} for m in request.chat.messages]
             if not msgs:
                 raise APIError(400, "chat.messages must not be empty", param="chat.messages")
+            self.core.inspect_prompt([m["content"] for m in msgs])
             return self.core.chat_ids(msgs)
         raise APIError(400, "one of text, token_ids or chat is required", param="input")
 

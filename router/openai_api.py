@@ -135,7 +135,9 @@ def create_app(core: RouterCore) -> FastAPI:
         if body.best_of not in (None, body.n):
             raise APIError(400, "best_of must equal n when given", param="best_of")
         if kind == "chat":
-            ids = core.chat_ids([m.as_template_dict() for m in body.messages])
+            msgs = [m.as_template_dict() for m in body.messages]
+            core.inspect_prompt(_texts(msgs))
+            ids = core.chat_ids(msgs)
             kw = body.sampling_kwargs(body.max_completion_tokens or DEFAULT_MAX_TOKENS)
             if body.max_completion_tokens and not body.max_tokens:
                 kw["max_tokens"] = body.max_completion_tokens
@@ -145,7 +147,10 @@ def create_app(core: RouterCore) -> FastAPI:
                 raise APIError(400, "echo is not supported", param="echo")
             if body.suffix:
                 raise APIError(400, "suffix is not supported", param="suffix")
-            ids = core.encode(body.single_prompt())
+            prompt = body.single_prompt()
+            if isinstance(prompt, str):
+                core.inspect_prompt((prompt,))
+            ids = core.encode(prompt)
             kw = body.sampling_kwargs(DEFAULT_MAX_TOKENS)
             lp = body.logprobs
         params = core.sampling_params(**kw, logprobs=lp)
@@ -341,6 +346,18 @@ class _Formatter:
         if self.truncated:
             body["truncated"] = True
         return body
+
+
+def _texts(messages: list[dict[str, Any]]) -> list[str]:
+    """The text parts of chat messages (what the injection indicators scan)."""
+    out: list[str] = []
+    for m in messages:
+        c = m.get("content")
+        if isinstance(c, str):
+            out.append(c)
+        elif isinstance(c, list):
+            out.extend(p["text"] for p in c if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return out
 
 
 def _join_logprobs(parts: list[Any], kind: str) -> Any:

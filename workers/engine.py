@@ -562,6 +562,7 @@ class EngineCore:
             num_preemptions=req.num_preemptions,
             error=req.error,
             metrics=metrics,
+            prefill_chunks=req.prefill_chunks,
             kv_evicted=req.num_evicted_blocks > 0,
             num_evicted_tokens=req.num_evicted_blocks * self.pool.block_size,
         )

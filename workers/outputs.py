@@ -51,5 +51,6 @@ class RequestOutput:
     num_preemptions: int = 0
     error: str | None = None  # set with finish_reason "error"
     metrics: dict[str, float] = field(default_factory=dict)  # arrival/first-token/finish times (monotonic)
+    prefill_chunks: list[tuple[float, int]] = field(default_factory=list)  # (monotonic end, tokens)
     kv_evicted: bool = False  # sink-window eviction dropped middle tokens' KV (attention is windowed)
     num_evicted_tokens: int = 0

@@ -59,6 +59,7 @@ class Request:
     first_token_time: float | None = None
     first_scheduled_time: float | None = None
     finish_time: float | None = None
+    prefill_chunks: list[tuple[float, int]] = field(default_factory=list)  # (monotonic end, tokens)
     error: str | None = None
     # Swap preemption: host blocks holding this request's live KV while it waits (None: not swapped).
     swap_host_ids: list[int] | None = None

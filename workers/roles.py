@@ -64,6 +64,39 @@ class WorkerStats:
     transfers_ok: int
     transfer_failures: int
     leases_expired: int
+    num_preemptions: int = 0
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+    transfer_buckets: tuple[int, ...] = ()  # per TRANSFER_BUCKETS (+Inf last), not cumulative
+    transfer_seconds_sum: float = 0.0
+    transfer_bytes: int = 0
+    transfer_failure_reasons: tuple[tuple[str, int], ...] = ()
+
+
+TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class TransferTally:
+    """A decode worker's KV pulls: latency histogram, bytes and failures by reason. Kept here as plain
+    counts (no metrics library in workers/); the router exports them from ``WorkerStats``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.buckets = [0] * (len(TRANSFER_BUCKETS) + 1)
+        self.seconds_sum = 0.0
+        self.bytes = 0
+        self.failures: dict[str, int] = {}
+
+    def observe(self, seconds: float, nbytes: int) -> None:
+        i = next((i for i, b in enumerate(TRANSFER_BUCKETS) if seconds <= b), len(TRANSFER_BUCKETS))
+        with self._lock:
+            self.buckets[i] += 1
+            self.seconds_sum += seconds
+            self.bytes += nbytes
+
+    def fail(self, reason: str) -> None:
+        with self._lock:
+            self.failures[reason] = self.failures.get(reason, 0) + 1
 
 
 @dataclass(frozen=True)
@@ -77,6 +110,8 @@ class PrefillResult:
     handle: KVHandle | None
     final: GenerateDelta | None
     num_cached_tokens: int = 0
+    metrics: dict[str, float] | None = None  # the engine's monotonic timestamps (tracing)
+    prefill_chunks: tuple[tuple[float, int], ...] = ()  # (monotonic end, tokens) per chunk
 
 
 def to_delta(
@@ -234,7 +269,8 @@ class PrefillRole:
         first_lp = comp.logprobs[0] if comp.logprobs else None
         if out.finished and comp.finish_reason is not None:  # ended at its first token, or error/abort
             return PrefillResult(out.request_id, first, first_lp, None,
-                                 to_delta(out, self.worker_id), out.num_cached_tokens)
+                                 to_delta(out, self.worker_id), out.num_cached_tokens,
+                                 dict(out.metrics), tuple(out.prefill_chunks))
         eng = self.loop.engine
         blocks = eng.held_blocks(out.request_id)
         buffer = eng.export_kv(out.request_id)  # [L, 2, n, bs, H, D]
@@ -253,7 +289,8 @@ class PrefillRole:
         )
         with self._lock:
             self._held[out.request_id] = (handle, buffer)
-        return PrefillResult(out.request_id, first, first_lp, handle, None, out.num_cached_tokens)
+        return PrefillResult(out.request_id, first, first_lp, handle, None, out.num_cached_tokens,
+                             dict(out.metrics), tuple(out.prefill_chunks))
 
     def buffer_for(self, request_id: str) -> tuple[KVHandle, torch.Tensor] | None:
         """The held export if its lease is still valid (any thread; transports call this)."""
@@ -334,6 +371,7 @@ class DecodeRole:
         self.recomputed_prompt_tokens = 0
         self.transfers_ok = 0
         self.transfer_failures = 0
+        self.transfers = TransferTally()
 
     def start(
         self,
@@ -436,6 +474,10 @@ def role_stats(
     """A consistent snapshot, taken on the loop thread."""
     s = loop.call(lambda eng: eng.stats()).result(timeout)
     sch = s.scheduler
+    tally = decode.transfers if decode else TransferTally()
+    with tally._lock:
+        buckets, secs, nbytes = tuple(tally.buckets), tally.seconds_sum, tally.bytes
+        reasons = tuple(sorted(tally.failures.items()))
     return WorkerStats(
         worker_id=loop.engine.worker_id,
         role=role,
@@ -454,4 +496,11 @@ def role_stats(
         transfers_ok=decode.transfers_ok if decode else 0,
         transfer_failures=decode.transfer_failures if decode else 0,
         leases_expired=prefill.leases_expired if prefill else 0,
+        num_preemptions=sch.num_preemptions,
+        prefix_queries=s.prefix_queries,
+        prefix_hits=s.prefix_hits,
+        transfer_buckets=buckets,
+        transfer_seconds_sum=secs,
+        transfer_bytes=nbytes,
+        transfer_failure_reasons=reasons,
     )

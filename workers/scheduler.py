@@ -387,6 +387,8 @@ class Scheduler:
             if req is None or req.status is not RequestStatus.RUNNING:
                 continue
             req.draft_token_ids = []
+            if req.num_computed_tokens < len(req.prompt_token_ids):  # a prefill chunk (tracing)
+                req.prefill_chunks.append((time.monotonic(), chunk.num_tokens))
             if not chunk.sample:
                 req.num_computed_tokens += chunk.num_tokens
                 self._publish_full_blocks(req)

@@ -62,7 +62,7 @@ def test_burst_beyond_kv_budget(router) -> None:
     preemptions = sum(w["num_preemptions"] for w in st["workers"])
     assert preemptions > 0, "outputs outgrew the prediction: the engine should have preempted"
     metrics = httpx.get(router.base_url + "/metrics").text
-    assert 'baton:num_preemptions{model_name="tiny",worker="local-0"}' in metrics
+    assert 'vllm:num_preemptions_total{model_name="tiny",worker="local-0"}' in metrics
 
 
 def test_fair_queue_and_limits_unit() -> None:

@@ -110,5 +110,6 @@ def test_queue_full_429_with_retry_after_and_disconnect_aborts(router) -> None:
     assert st["rejections"].get("queue_full") == 1
     with router.client("sk-t") as c:
         m = c.get("/metrics").text
-    assert 'baton:request_success_total{finished_reason="abort",model_name="tiny"} 1.0' in m
-    assert 'baton:request_rejected_total{model_name="tiny",reason="queue_full"} 1.0' in m
+    assert 'vllm:request_success_total{finished_reason="abort",model_name="tiny"} 1.0' in m
+    assert ('baton:requests_rejected_total{model_name="tiny",reason="queue_full",'
+            'tenant="limited"} 1.0') in m
