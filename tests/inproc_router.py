@@ -62,7 +62,7 @@ class InprocRouter:
 
 
 @contextlib.contextmanager
-def inproc_router(args: dict[str, Any]) -> Iterator[InprocRouter]:
+def inproc_router(args: dict[str, Any], *, log_level: str = "warning") -> Iterator[InprocRouter]:
     import uvicorn
 
     from baton.cluster.serve_config import ServeConfig
@@ -81,7 +81,7 @@ def inproc_router(args: dict[str, Any]) -> Iterator[InprocRouter]:
     core = on_loop(build_core(config))
     app = create_app(core)
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level=log_level,
                                            lifespan="off"))
     serving = asyncio.run_coroutine_threadsafe(server.serve(), loop)
     grpc_server, grpc_port = on_loop(start_grpc_server(core, "127.0.0.1", 0))
