@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from baton.workers.messages import GenerateDelta, GenerateRequest
+from baton.cluster.cache_publisher import CachePublisher
 from baton.cluster import tracing
 from baton.cluster.pool_config import PoolConfig
 from baton.cluster.transfer import TransferError, make_transport
@@ -123,8 +124,12 @@ class _Worker:
         self._ids = itertools.count(1)
         self._info = WorkerInfo(worker_id, self.kind, _node_id(), self.endpoint, transport,
                                 str(engine.device), engine.pool.block_size, os.getpid())
+        self.publisher = (CachePublisher(worker_id, self.loop, config.prefix_directory)
+                          if config.prefix_directory is not None else None)
 
     async def info(self) -> WorkerInfo:
+        if self.publisher is not None:  # first async call: the actor's event loop is running
+            self.publisher.start()
         return self._info
 
     # -- prefill side -----------------------------------------------------------------------------
@@ -313,6 +318,12 @@ class _Worker:
         return await asyncio.to_thread(role_stats, self.loop, self.kind, self.prefill_role,
                                        self.decode_role)
 
+    async def reset_prefix_cache(self, namespace: str | None = None) -> int:
+        """Forget cached blocks (one tenant namespace, or all); the directory hears a ``cleared``
+        event on the next publish. Returns how many blocks were dropped."""
+        return int(await asyncio.wrap_future(
+            self.loop.call(lambda eng: eng.reset_prefix_cache(namespace))))
+
     async def check_integrity(self) -> None:
         await asyncio.wrap_future(self.loop.call(lambda eng: eng.check_integrity()))
 
@@ -321,6 +332,8 @@ class _Worker:
         f.corrupt_next, f.delay_s, f.fail_next = corrupt_next, delay_s, fail_next
 
     async def shutdown(self) -> None:
+        if self.publisher is not None:
+            await self.publisher.stop()
         self.loop.stop()
         self.transport.close()
 

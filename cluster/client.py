@@ -263,5 +263,20 @@ class ClusterClient:
         got = await asyncio.gather(*(one(self._workers[w][1]) for w in ids))
         return dict(zip(ids, got))
 
+    async def reset_prefix_cache(self, namespace: str | None = None,
+                                 timeout_s: float = 30.0) -> dict[str, int | None]:
+        """Drop cached blocks on every worker (one namespace, or all): blocks dropped per worker,
+        None where the worker could not be reached."""
+        async def one(actor: Any) -> int | None:
+            try:
+                return int(await asyncio.wait_for(actor.reset_prefix_cache.remote(namespace),
+                                                  timeout_s))
+            except Exception:  # noqa: BLE001 - reported per worker
+                return None
+
+        ids = list(self._workers)
+        got = await asyncio.gather(*(one(self._workers[w][1]) for w in ids))
+        return dict(zip(ids, got))
+
 
 WORKER_KINDS = ("prefill", "decode", "colocated")

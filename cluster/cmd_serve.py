@@ -82,8 +82,10 @@ def run(args: argparse.Namespace) -> int:
     pools = None
     if resolve_mode(conf) == "disaggregated":
         from baton.cluster.pools import start_pools
+        from baton.cluster.prefix_directory import get_or_create_directory
         from baton.router.cluster_adapter import pool_config
 
+        get_or_create_directory()  # before the workers, so their first heartbeat finds it
         pools = start_pools(pool_config(conf, args.address))
     serve.start(http_options={"host": conf.server.host, "port": conf.server.port})
     serve.run(build_app(cfg), name="baton", route_prefix="/")

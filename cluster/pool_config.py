@@ -8,8 +8,10 @@ more than it saves).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from baton.cluster.prefix_index import DirectoryConfig
 from baton.workers.config import EngineConfig
 
 TRANSPORT_CHOICES = ("auto", "gloo", "nccl", "cuda_ipc", "grpc")
@@ -18,6 +20,22 @@ TRANSPORT_CHOICES = ("auto", "gloo", "nccl", "cuda_ipc", "grpc")
 def _require(ok: bool, name: str, value: object, why: str) -> None:
     if not ok:
         raise ValueError(f"invalid pool config {name}={value!r}: {why}")
+
+
+@dataclass(frozen=True)
+class WorkerResources:
+    """What one worker of a kind asks Ray for; ``resources`` are custom ones (KubeRay's
+    ``prefill_slot``/``decode_slot`` keep each kind on its own worker group)."""
+
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    resources: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.num_gpus <= 8, "num_gpus", self.num_gpus, "must be in [0, 8]")
+        _require(self.num_cpus >= 0, "num_cpus", self.num_cpus, "must be >= 0")
+        for k, v in self.resources.items():
+            _require(bool(k) and v >= 0, f"resources[{k!r}]", v, "must be a name and >= 0")
 
 
 @dataclass(frozen=True)
@@ -37,6 +55,10 @@ class PoolConfig:
     poll_wait_s: float = 0.5  # one stream poll waits at most this long on the decode worker
     ray_namespace: str = "baton"
     address: str | None = None  # existing Ray cluster; None starts an embedded local one
+    # Per-kind overrides of num_gpus/num_cpus_per_worker plus custom resources ("prefill", ...).
+    worker_resources: Mapping[str, WorkerResources] = field(default_factory=dict)
+    # Where workers heartbeat and publish their cache events; None: no directory link at all.
+    prefix_directory: DirectoryConfig | None = field(default_factory=DirectoryConfig)
 
     def __post_init__(self) -> None:
         for name in ("num_prefill", "num_decode", "num_colocated"):
@@ -56,12 +78,22 @@ class PoolConfig:
                      "poll_wait_s"):
             v = getattr(self, name)
             _require(v > 0, name, v, "must be > 0 seconds")
+        for kind in self.worker_resources:
+            _require(kind in ("prefill", "decode", "colocated"), "worker_resources", kind,
+                     "keys must be prefill, decode or colocated")
         _require(self.transfer_timeout_s < self.lease_s, "transfer_timeout_s",
                  self.transfer_timeout_s, f"must be shorter than lease_s={self.lease_s}")
+
+    def resources_for(self, kind: str) -> WorkerResources:
+        got = self.worker_resources.get(kind)
+        if got is not None:
+            return got
+        return WorkerResources(self.num_gpus_per_worker, self.num_cpus_per_worker)
 
     @property
     def device_type(self) -> str:
         dev = self.engine.device
         if dev == "auto":
-            return "cuda" if self.num_gpus_per_worker > 0 else "cpu"
+            gpus = [self.num_gpus_per_worker, *(r.num_gpus for r in self.worker_resources.values())]
+            return "cuda" if max(gpus) > 0 else "cpu"
         return "cuda" if dev.startswith("cuda") else "cpu"

@@ -7,6 +7,7 @@ API used by ``baton serve`` (and the tests)::
     pools.resize(num_prefill=2, num_decode=3)   # at run time; removed workers are drained by abort
     pools.health()                     # {worker_id: True/False}
     pools.stop()
+    ensure_pools(PoolConfig(...))      # KubeRay: router replicas get-or-create detached workers
 
 Workers are named Ray actors (``<kind>-<n>`` in ``config.ray_namespace``) so a router in another process (a Serve
 replica) finds them with ``ClusterClient.discover``. Fractional ``num_gpus_per_worker`` (0.5) lets one GPU hold a
@@ -41,7 +42,9 @@ class Pools:
     config: PoolConfig
     transport: str
     workers: dict[str, WorkerEntry] = field(default_factory=dict)
-    _counter: itertools.count = field(default_factory=lambda: itertools.count())
+    # Per-kind numbering: a 1+1 pool is prefill-0 + decode-0, the names ensure_pools expects.
+    _counters: dict[str, itertools.count] = field(
+        default_factory=lambda: {k: itertools.count() for k in WORKER_CLASSES})
 
     def by_kind(self, kind: str) -> list[WorkerEntry]:
         return [w for w in self.workers.values() if w.info.kind == kind]
@@ -52,16 +55,8 @@ class Pools:
         cfg = self.config
         pending = []
         for _ in range(n):
-            wid = f"{kind}-{next(self._counter)}"
-            cls = ray.remote(WORKER_CLASSES[kind])
-            actor = cls.options(
-                name=wid,
-                namespace=cfg.ray_namespace,
-                num_cpus=cfg.num_cpus_per_worker,
-                num_gpus=cfg.num_gpus_per_worker,
-                max_restarts=0,
-                max_concurrency=1000,
-            ).remote(wid, cfg, self.transport)
+            wid = f"{kind}-{next(self._counters[kind])}"
+            actor = _actor_options(kind, wid, cfg).remote(wid, cfg, self.transport)
             pending.append((wid, actor, actor.info.remote()))
         infos = ray.get([p[2] for p in pending], timeout=START_TIMEOUT_S)
         for (wid, actor, _), info in zip(pending, infos):
@@ -117,6 +112,51 @@ class Pools:
             self.remove(wid)
 
 
+def _actor_options(kind: str, worker_id: str, cfg: PoolConfig, **extra: Any) -> Any:
+    import ray
+
+    res = cfg.resources_for(kind)
+    return ray.remote(WORKER_CLASSES[kind]).options(  # type: ignore[attr-defined]
+        name=worker_id,
+        namespace=cfg.ray_namespace,
+        num_cpus=res.num_cpus,
+        num_gpus=res.num_gpus,
+        resources=dict(res.resources),
+        max_concurrency=1000,
+        **{"max_restarts": 0, **extra},
+    )
+
+
+def _transport(config: PoolConfig) -> str:
+    import ray
+
+    alive_nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return choose_transport(config.transport, device_type=config.device_type,
+                            same_node=len(alive_nodes) <= 1)
+
+
+def ensure_pools(config: PoolConfig, timeout_s: float = START_TIMEOUT_S) -> dict[str, WorkerInfo]:
+    """Get or create the configured workers as named, detached actors ``<kind>-<i>`` (KubeRay:
+    nobody runs ``baton serve``, so the router replicas do this). ``get_if_exists`` makes it
+    race-free: replicas that start together end up with one pool, not one each. Blocks until every
+    worker answers ``info`` (model loaded), so call it off the event loop. Ray must be initialized.
+    """
+    import ray
+
+    transport = _transport(config)
+    pending = []
+    for kind, n in (("prefill", config.num_prefill), ("decode", config.num_decode),
+                    ("colocated", config.num_colocated)):
+        for i in range(n):
+            wid = f"{kind}-{i}"
+            actor = _actor_options(kind, wid, config, lifetime="detached",
+                                   get_if_exists=True).remote(wid, config, transport)
+            pending.append((wid, actor.info.remote()))
+    infos = ray.get([ref for _, ref in pending], timeout=timeout_s)
+    log.info("pools ensured: %s (transport %s)", [w for w, _ in pending], transport)
+    return {wid: info for (wid, _), info in zip(pending, infos)}
+
+
 def start_pools(config: PoolConfig, *, ray_init_kwargs: dict[str, Any] | None = None) -> Pools:
     """Start Ray if needed (``config.address`` or an embedded local cluster) and the configured workers."""
     import ray
@@ -124,13 +164,10 @@ def start_pools(config: PoolConfig, *, ray_init_kwargs: dict[str, Any] | None = 
     if not ray.is_initialized():
         ray.init(address=config.address, namespace=config.ray_namespace,
                  **(ray_init_kwargs or {}))
-    alive_nodes = [n for n in ray.nodes() if n.get("Alive")]
-    transport = choose_transport(config.transport, device_type=config.device_type,
-                                 same_node=len(alive_nodes) <= 1)
-    pools = Pools(config, transport)
+    pools = Pools(config, _transport(config))
     for kind, n in (("prefill", config.num_prefill), ("decode", config.num_decode),
                     ("colocated", config.num_colocated)):
         if n:
             pools._spawn(kind, n)
-    log.info("pools up: %s (transport %s)", sorted(pools.workers), transport)
+    log.info("pools up: %s (transport %s)", sorted(pools.workers), pools.transport)
     return pools

@@ -84,6 +84,15 @@ class PoolSection(_Strict):
     replicas: int = Field(default=1, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
     num_cpus: float = Field(default=1.0, ge=0)
+    # Custom Ray resources per worker (KubeRay: {"prefill_slot": 1} pins workers to their group).
+    resources: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_resources(self) -> PoolSection:
+        for name, amount in self.resources.items():
+            if not name or amount < 0:
+                raise ValueError(f"resources[{name!r}]={amount}: needs a name and an amount >= 0")
+        return self
 
 
 class PoolsSection(_Strict):

@@ -32,19 +32,28 @@ def resolve_mode(config: ServeConfig) -> str:
 
 
 async def _cluster_client(config: ServeConfig) -> EngineClient:
-    """The Ray pools (started by ``baton serve`` or the operator), discovered by their actor names."""
-    from baton.router.cluster_adapter import ClusterEngineClient
+    """The Ray pools, got or created: ``baton serve`` starts them before the router, but under
+    KubeRay nobody does, so the replica creates the configured workers (named, detached,
+    ``get_if_exists``: racing replicas end up with one pool) and waits until they are loaded."""
+    from baton.cluster.client import ClusterClient
+    from baton.cluster.pools import ensure_pools
+    from baton.router.cluster_adapter import ClusterEngineClient, pool_config
 
-    return await ClusterEngineClient.discover(config)
+    pcfg = pool_config(config)
+    await asyncio.get_running_loop().run_in_executor(None, ensure_pools, pcfg)
+    return ClusterEngineClient(await ClusterClient.discover(pcfg))
 
 
-def _directory() -> Any | None:
+def _directory(create: bool) -> Any | None:
+    """The prefix directory's handle; in disaggregated mode it is created if none runs yet."""
     try:
         import ray
 
-        from baton.cluster.prefix_directory import get_directory
+        from baton.cluster.prefix_directory import get_directory, get_or_create_directory
 
-        return get_directory() if ray.is_initialized() else None
+        if not ray.is_initialized():
+            return None
+        return get_or_create_directory() if create else get_directory()
     except (ImportError, ValueError):
         return None
 
@@ -54,6 +63,8 @@ async def build_core(config: ServeConfig, client: EngineClient | None = None,
     """Everything the router needs, started: auth, engine client, model info, admission, routing."""
     auth = Authenticator.from_file(config.tenants.api_keys_file)
     loop = asyncio.get_running_loop()
+    # First, so the workers ensured below find it on their first look-up.
+    directory = _directory(create=resolve_mode(config) == "disaggregated")
     if client is None:
         if resolve_mode(config) == "colocated":
             from baton.router.local_client import LocalEngineClient
@@ -65,7 +76,7 @@ async def build_core(config: ServeConfig, client: EngineClient | None = None,
             client = await _cluster_client(config)
     if model is None:
         model = await loop.run_in_executor(None, ModelInfo.load, config)
-    core = RouterCore(config, client, model, auth, directory=_directory())
+    core = RouterCore(config, client, model, auth, directory=directory)
     await core.start()
     log.info("router ready: model %s (max_model_len %d), mode %s, %s", model.name,
              model.max_model_len, resolve_mode(config),

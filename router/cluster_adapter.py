@@ -21,17 +21,19 @@ log = logging.getLogger(__name__)
 
 
 def pool_config(config: ServeConfig, address: str | None = None) -> Any:
-    from baton.cluster.pool_config import PoolConfig
+    from baton.cluster.pool_config import PoolConfig, WorkerResources
 
     p = config.pools
     extra: dict[str, Any] = {}
     if p.short_prompt_tokens:
         extra["disagg_threshold_tokens"] = p.short_prompt_tokens
+    per_kind = {kind: WorkerResources(s.num_gpus, s.num_cpus, dict(s.resources))
+                for kind, s in (("prefill", p.prefill), ("decode", p.decode))}
     return PoolConfig(
         engine=config.engine_config(), num_prefill=p.prefill.replicas, num_decode=p.decode.replicas,
         num_gpus_per_worker=max(p.prefill.num_gpus, p.decode.num_gpus),
         num_cpus_per_worker=max(p.prefill.num_cpus, p.decode.num_cpus), transport=p.transport,
-        address=address, **extra)
+        address=address, worker_resources=per_kind, **extra)
 
 
 class ClusterEngineClient:
@@ -94,8 +96,12 @@ class ClusterEngineClient:
         return "; ".join(errors) or None
 
     async def reset_prefix_cache(self, namespace: str | None = None) -> int:
-        log.warning("pool workers expose no reset_prefix_cache yet; only the directory was purged")
-        return 0
+        """Blocks dropped over all reachable workers (unreachable ones are logged)."""
+        got = await self.cluster.reset_prefix_cache(namespace)
+        missed = sorted(w for w, n in got.items() if n is None)
+        if missed:
+            log.warning("cache purge could not reach %s", ", ".join(missed))
+        return sum(n for n in got.values() if n is not None)
 
     async def close(self) -> None:
         return None

@@ -61,9 +61,11 @@ class LocalPrefixIndex:
 
 
 def load_cost(w: WorkerLoad, max_queue: int) -> float:
-    """0 for an idle worker; grows with queued/running sequences (relative to the busiest) and KV usage."""
+    """0 for an idle worker; grows with queued/running sequences (relative to the busiest, below 1)
+    and KV usage. The ``+ 1`` keeps one running sequence (often just the previous request, seen in
+    a stats snapshot up to a refresh old) from cancelling a whole-prompt prefix hit (gain 1)."""
     queue = w.num_running + 2 * w.num_waiting
-    return queue / max(1, max_queue) + w.kv_usage
+    return queue / (max_queue + 1) + w.kv_usage
 
 
 class PrefixRouter:
