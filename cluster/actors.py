@@ -327,9 +327,11 @@ class _Worker:
     async def check_integrity(self) -> None:
         await asyncio.wrap_future(self.loop.call(lambda eng: eng.check_integrity()))
 
-    async def set_faults(self, corrupt_next: int = 0, delay_s: float = 0.0, fail_next: int = 0) -> None:
+    async def set_faults(self, corrupt_next: int = 0, delay_s: float = 0.0, fail_next: int = 0,
+                         drop_stream_next: int = 0, drop_stream_mode: str = "abort") -> None:
         f = self.transport.faults
         f.corrupt_next, f.delay_s, f.fail_next = corrupt_next, delay_s, fail_next
+        f.drop_stream_next, f.drop_stream_mode = drop_stream_next, drop_stream_mode
 
     async def shutdown(self) -> None:
         if self.publisher is not None:

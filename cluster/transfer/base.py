@@ -55,6 +55,10 @@ class TransferFaults:
     corrupt_next: int = 0  # flip one byte of the next N received buffers
     delay_s: float = 0.0  # sleep before each transfer starts (e.g. past the lease)
     fail_next: int = 0  # raise TransferError on the next N receives
+    # Source side (serving transports): end the next N outgoing streams halfway, with an error
+    # status ("abort") or as if complete ("truncate"): the sink must notice and recompute.
+    drop_stream_next: int = 0
+    drop_stream_mode: str = "abort"
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -51,8 +51,17 @@ class GrpcTransport(KVTransport):
                 raw = buffer.detach().contiguous().cpu().view(torch.uint8).reshape(-1).numpy()
                 total = raw.nbytes
                 step = request.chunk_bytes or transport.chunk_bytes
+                faults = transport.faults
+                drop = faults.drop_stream_next > 0
+                if drop:  # injected (tests): stop after half the bytes, in several chunks
+                    faults.drop_stream_next -= 1
+                    step = max(1, min(step, total // 4))
                 view = memoryview(raw)
                 for off in range(0, total, step):
+                    if drop and off >= total // 2:
+                        if faults.drop_stream_mode == "truncate":
+                            return
+                        context.abort(grpc.StatusCode.UNAVAILABLE, "injected: stream dropped")
                     yield pb2.KVChunk(offset=off, total_bytes=total, data=bytes(view[off:off + step]))
                 transport._on_sent(total)
 
