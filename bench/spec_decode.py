@@ -1,0 +1,145 @@
+"""N-gram speculative decoding: decode tokens/s and acceptance vs the same engine without it, one run.
+
+Two workloads, greedy (so outputs must be token-identical, which is checked):
+- ``repetitive``: edit / summarise a given document (the answer copies long spans of the prompt),
+- ``open``: open-ended questions (little to copy; drafting should switch itself off, goal <= 3 % loss).
+Each at batch sizes 1 and 8. Default model: the bundled SmolLM2-135M-Instruct (a real model: random
+weights loop and would inflate acceptance). Tokens/s counts output tokens over the decode phase
+(wall time from the first token of the batch to the last).
+
+    python bench/spec_decode.py [--model PATH] [--k 4] [--max-tokens 256] [--batch 1 8] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_result  # noqa: E402
+
+OPEN_QUESTIONS = [
+    "Write a short story about a dragon who learns to cook.",
+    "Explain why the sky is blue to a ten year old.",
+    "Give me five ideas for a birthday party in winter.",
+    "What are the pros and cons of electric cars?",
+    "Describe a day in the life of a lighthouse keeper.",
+    "How do vaccines train the immune system?",
+    "Plan a three day trip to Rome.",
+    "Why do cats purr?",
+]
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+    )
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "input_ids") else ids)
+
+
+def repetitive_prompts(tokenizer) -> list[list[int]]:
+    code = inspect.getsource(textwrap.TextWrapper._wrap_chunks)
+    doc = inspect.getdoc(textwrap.TextWrapper) or ""
+    asks = [
+        f"Rename the variable `chunks` to `pieces` in this function and return the full code:\n{code}",
+        f"Add a type hint to every argument of this function; return the full code:\n{code}",
+        f"Repeat this documentation, fixing any typos:\n{doc}",
+        f"Rewrite this function with `lines` renamed to `out`; return all of it:\n{code}",
+        f"Summarise this text, quoting its key sentences verbatim:\n{doc}",
+        f"Convert the comments in this function to upper case; return the full code:\n{code}",
+        f"Copy this documentation and add a title line:\n{doc}",
+        f"Return this function unchanged but with 2-space indentation:\n{code}",
+    ]
+    return [chat_ids(tokenizer, a) for a in asks]
+
+
+def open_prompts(tokenizer) -> list[list[int]]:
+    return [chat_ids(tokenizer, q) for q in OPEN_QUESTIONS]
+
+
+def decode_run(model: str, spec: dict | None, prompts, max_tokens: int, device: str) -> dict:
+    from baton.workers.config import CacheConfig, EngineConfig, SchedulerConfig
+    from baton.workers.engine import EngineCore
+    from baton.workers.sampling_params import SamplingParams
+
+    eng = EngineCore(EngineConfig(
+        model=model, device=device, dtype="bfloat16" if device == "cuda" else "float32",
+        cache=CacheConfig(gpu_memory_utilization=0.6),
+        scheduler=SchedulerConfig(max_num_batched_tokens=8192), speculative=spec,
+    ))  # fmt: skip
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    warm = SamplingParams(temperature=0.0, max_tokens=8)
+    eng.add_request("warm", prompts[0], warm)
+    while eng.has_unfinished_requests():
+        eng.step()
+    for i, p in enumerate(prompts):
+        eng.add_request(f"r{i}", p, params)
+    outs: dict[str, list[int]] = {}
+    t_first = None
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if t_first is None and o.outputs[0].delta_token_ids:
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t_first = time.perf_counter()
+            if o.finished:
+                outs[o.request_id] = list(o.outputs[0].token_ids)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - (t_first or time.perf_counter())
+    n_tok = sum(len(v) for v in outs.values()) - len(outs)  # first tokens come from prefill
+    s = eng.stats()
+    return dict(
+        outputs=outs, decode_seconds=dt, decode_tokens=n_tok, tokens_per_s=n_tok / max(dt, 1e-9),
+        drafted=s.spec_draft_tokens, accepted=s.spec_accepted_tokens,
+        acceptance_rate=s.spec_accepted_tokens / s.spec_draft_tokens if s.spec_draft_tokens else 0.0,
+        verify_steps=s.spec_verify_steps, spec_active_at_end=s.spec_active,
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help="model dir (default: bundled SmolLM2-135M)")
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    from transformers import AutoTokenizer
+
+    from baton.workers.default_model import default_model_path
+
+    model = args.model or str(default_model_path())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok = AutoTokenizer.from_pretrained(model)
+    workloads = {"repetitive": repetitive_prompts(tok), "open": open_prompts(tok)}
+    spec = {"method": "ngram", "k": args.k, "n_min": 2, "n_max": 4}
+    rows = []
+    for name, prompts in workloads.items():
+        for batch in args.batch:
+            ps = (prompts * ((batch + len(prompts) - 1) // len(prompts)))[:batch]
+            base = decode_run(model, None, ps, args.max_tokens, device)
+            fast = decode_run(model, spec, ps, args.max_tokens, device)
+            row = dict(
+                workload=name, batch=batch, k=args.k,
+                base_tokens_per_s=base["tokens_per_s"], spec_tokens_per_s=fast["tokens_per_s"],
+                speedup=fast["tokens_per_s"] / base["tokens_per_s"],
+                acceptance_rate=fast["acceptance_rate"], drafted=fast["drafted"],
+                accepted=fast["accepted"], verify_steps=fast["verify_steps"],
+                spec_active_at_end=fast["spec_active_at_end"],
+                identical=base["outputs"] == fast["outputs"], decode_tokens=base["decode_tokens"],
+            )  # fmt: skip
+            rows.append(row)
+            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
+    write_result(f"spec_decode_{device}", dict(model=model, max_tokens=args.max_tokens, rows=rows),
+                 args.out)
+
+
+if __name__ == "__main__":
+    main()
