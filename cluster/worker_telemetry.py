@@ -3,9 +3,9 @@
 
 Spans are parented on the router's ``request`` span through ``GenerateRequest.trace_context``. The
 engine knows nothing of OTel: its ``RequestOutput.metrics`` (monotonic arrival, first-scheduled and
-first-token times) and ``prefill_chunks`` come back in the ``PrefillResult``, and the ``prefill`` span
-is written from them after the fact, each chunk an event. With tracing off every call here returns
-at once (``DecodeTrace.open`` gives None).
+first-token times) and ``prefill_chunks`` come back in the ``PrefillResult``, and the ``prefill``
+span is written from them after the fact, each chunk an event. With tracing off every call here
+returns at once (``DecodeTrace.open`` gives None).
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def record_prefill(req: GenerateRequest, res: PrefillResult, worker_id: str) -> 
     span = t.start_span("prefill", context=parent, start_time=tracing.mono_to_ns(arrival),
                         attributes=attrs)
     for end, n in res.prefill_chunks:
-        span.add_event("prefill_chunk", {"baton.chunk.tokens": n}, timestamp=tracing.mono_to_ns(end))
+        span.add_event("prefill_chunk", {"baton.chunk.tokens": n},
+                       timestamp=tracing.mono_to_ns(end))
     if res.final is not None:
         span.set_attribute("gen_ai.response.finish_reasons", (res.final.finish_reason or "",))
     tracing.span_between("queue", tracing.context_with(span), arrival, scheduled,

@@ -101,13 +101,13 @@ class RouterMetrics:
                                    "Mean output length per route (recent window vs baseline).",
                                    lab + ("route", "window"), registry=r)
         self.token_js = Gauge("baton:output_token_js_divergence",
-                              "JS divergence of hashed output-token histograms, recent vs baseline.",
+                              "JS divergence of hashed output-token histograms (recent/baseline).",
                               lab + ("route",), registry=r)
         self.quant_top1 = Gauge("baton:kv_quant_top1_agreement",
                                 "Canary top-1 agreement, quantized KV vs unquantized (0..1).",
                                 lab + ("kv_dtype",), registry=r)
         self.quant_kl = Gauge("baton:kv_quant_kl_divergence",
-                              "Canary mean KL(unquantized || quantized) of next-token distributions.",
+                              "Canary mean KL(unquantized || quantized), next-token dists.",
                               lab + ("kv_dtype",), registry=r)
         self.quant_probe_time = Gauge("baton:kv_quant_probe_timestamp_seconds",
                                       "When the KV-quantization probe last ran (unix time).",
@@ -123,6 +123,13 @@ class RouterMetrics:
 
     def observe_directory(self, stats: dict[str, Any] | None) -> None:
         self.pool.directory = stats
+
+    def observe_quant_probe(self, result: Any) -> None:
+        """Gauges from a ``baton.cluster.quant_probe.ProbeResult``."""
+        m, d = self.model_name, result.kv_dtype
+        self.quant_top1.labels(m, d).set(result.top1_agreement)
+        self.quant_kl.labels(m, d).set(result.kl_mean)
+        self.quant_probe_time.labels(m, d).set(result.finished_unix)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -182,8 +189,8 @@ class _PoolCollector:
                     t["fail"][reason] = t["fail"].get(reason, 0) + c
         yield from fams.values()
         tl = ["model_name", "transport"]
-        nbytes = CounterMetricFamily("baton:kv_transfer_bytes", "KV bytes pulled by decode workers.",
-                                     labels=tl)
+        nbytes = CounterMetricFamily("baton:kv_transfer_bytes",
+                                     "KV bytes pulled by decode workers.", labels=tl)
         secs = HistogramMetricFamily("baton:kv_transfer_seconds",
                                      "KV pull latency on decode workers.", labels=tl)
         fails = CounterMetricFamily("baton:kv_transfer_failures",

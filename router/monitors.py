@@ -19,8 +19,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 DEFAULT_INJECTION_PATTERNS: dict[str, str] = {
-    "ignore_instructions": r"\b(ignore|disregard|forget)\b.{0,40}\b(previous|prior|above|all|earlier)"
-                           r"\b.{0,20}\b(instructions?|rules|prompts?|directions)",
+    "ignore_instructions": r"\b(ignore|disregard|forget)\b.{0,40}"
+                           r"\b(previous|prior|above|all|earlier)\b.{0,20}"
+                           r"\b(instructions?|rules|prompts?|directions)",
     "reveal_system_prompt": r"\b(reveal|print|show|repeat|output)\b.{0,40}\b(system prompt|"
                             r"hidden (instructions|prompt)|initial instructions)",
     "role_override": r"\byou are (now|no longer)\b|\bact as (an? )?(unfiltered|jailbroken|dan)\b|"
@@ -28,7 +29,8 @@ DEFAULT_INJECTION_PATTERNS: dict[str, str] = {
     "exfiltration": r"\b(send|post|upload|exfiltrate)\b.{0,40}\b(api[_ ]?key|password|secret|"
                     r"credentials?|token)s?\b.{0,40}\b(to|http)",
 }
-_HIDDEN = re.compile("[\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff\U000e0000-\U000e007f]")
+_HIDDEN = re.compile("[\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff"
+                     "\U000e0000-\U000e007f]")
 _BLOB = re.compile(r"[A-Za-z0-9+/]{200,}={0,2}")
 _ROLE_TOKENS = re.compile(r"<\|(im_start|im_end|system|start_header_id|eot_id)\|>|\[/?INST\]|"
                           r"^\s*(system|assistant)\s*:", re.IGNORECASE | re.MULTILINE)
@@ -60,7 +62,8 @@ class InjectionDetector:
 
     def __init__(self, patterns: Mapping[str, str] | None = None, heuristics: bool = True) -> None:
         src = DEFAULT_INJECTION_PATTERNS if patterns is None else patterns
-        self.patterns = {name: re.compile(rx, re.IGNORECASE | re.DOTALL) for name, rx in src.items()}
+        flags = re.IGNORECASE | re.DOTALL
+        self.patterns = {name: re.compile(rx, flags) for name, rx in src.items()}
         self.heuristics = heuristics
 
     @property

@@ -23,7 +23,7 @@ OPERATION = {"chat": "chat", "completions": "text_completion", "grpc": "text_com
 
 
 class RequestTrace:
-    """Spans of one admitted-or-refused sequence; create with ``open`` (None when tracing is off)."""
+    """Spans of one admitted-or-refused sequence; ``open`` gives None when tracing is off."""
 
     def __init__(self, incoming: dict[str, str], model: str, tenant: str, route: str,
                  request_id: str, prompt_tokens: int, params: SamplingParams,
