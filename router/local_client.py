@@ -184,7 +184,17 @@ class LocalEngineClient:
         self.engine.abort_request(rid)
 
     async def abort(self, request_id: str) -> None:
-        self._commands.put(lambda: self._abort_now(request_id))
+        """Abort by id (gRPC ``Abort``): the stream still ends exactly once, with ``abort``."""
+
+        def run() -> None:
+            st = self._streams.get(request_id)
+            self._abort_now(request_id)
+            if st is not None:
+                st.loop.call_soon_threadsafe(st.queue.put_nowait, GenerateDelta(
+                    request_id, (), "", finish_reason="abort",
+                    num_prompt_tokens=st.num_prompt_tokens, worker_id=self.worker_id))
+
+        self._commands.put(run)
 
     async def health(self) -> bool:
         return self._thread.is_alive() and self._integrity_error is None
