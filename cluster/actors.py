@@ -53,6 +53,7 @@ class WorkerInfo:
     device: str
     block_size: int
     pid: int
+    config_tag: str = ""  # what ensure_pools created it for (a changed config replaces it)
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,8 @@ def _node_ip() -> str:
 class _Worker:
     kind: ClassVar[str] = ""
 
-    def __init__(self, worker_id: str, config: PoolConfig, transport: str) -> None:
+    def __init__(self, worker_id: str, config: PoolConfig, transport: str,
+                 config_tag: str = "") -> None:
         logging.basicConfig(level=logging.INFO)
         tracing.setup_tracing(f"baton-{self.kind}")
         self.worker_id = worker_id
@@ -123,7 +125,8 @@ class _Worker:
         self._pair_locks: dict[str, asyncio.Lock] = {}
         self._ids = itertools.count(1)
         self._info = WorkerInfo(worker_id, self.kind, _node_id(), self.endpoint, transport,
-                                str(engine.device), engine.pool.block_size, os.getpid())
+                                str(engine.device), engine.pool.block_size, os.getpid(),
+                                config_tag)
         self.publisher = (CachePublisher(worker_id, self.loop, config.prefix_directory)
                           if config.prefix_directory is not None else None)
 

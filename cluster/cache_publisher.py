@@ -100,7 +100,7 @@ class CachePublisher:
         self.republished = 0
         self.failures = 0
 
-    # -- lifecycle ----------------------------------------------------------------------------------
+    # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
         """Start the background task on the running loop (idempotent)."""
         if self._task is None:
@@ -125,7 +125,7 @@ class CachePublisher:
                 log.exception("%s: prefix directory publisher tick failed", self.worker_id)
             await asyncio.sleep(self.config.publish_interval_s)
 
-    # -- one round ----------------------------------------------------------------------------------
+    # -- one round ---------------------------------------------------------------------------------
     async def _engine(self, fn: Callable[[EngineCore], Any]) -> Any:
         return await asyncio.wrap_future(self.loop.call(fn))
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,26 +136,64 @@ def _transport(config: PoolConfig) -> str:
                             same_node=len(alive_nodes) <= 1)
 
 
-def ensure_pools(config: PoolConfig, timeout_s: float = START_TIMEOUT_S) -> dict[str, WorkerInfo]:
+def config_tag(config: PoolConfig, model_version: str = "") -> str:
+    """Stable across processes (dataclass repr, SHA-256): which config a worker was made for.
+    ``model_version`` adds what the path does not say (weights replaced in place)."""
+    import dataclasses
+    import hashlib
+
+    plain = dataclasses.replace(config, address=None)
+    return hashlib.sha256(f"{plain!r}|{model_version}".encode()).hexdigest()[:16]
+
+
+def ensure_pools(config: PoolConfig, *, model_version: str = "",
+                 timeout_s: float = START_TIMEOUT_S) -> dict[str, WorkerInfo]:
     """Get or create the configured workers as named, detached actors ``<kind>-<i>`` (KubeRay:
     nobody runs ``baton serve``, so the router replicas do this). ``get_if_exists`` makes it
-    race-free: replicas that start together end up with one pool, not one each. Blocks until every
-    worker answers ``info`` (model loaded), so call it off the event loop. Ray must be initialized.
-    """
+    race-free: replicas that start together end up with one pool, not one each. A worker made for
+    another config (a rolled model or engine setting) is replaced, so a new router never talks to
+    an old model. Blocks until every worker answers ``info`` (model loaded): call it off the event
+    loop. Ray must be initialized."""
     import ray
 
+    tag = config_tag(config, model_version)
     transport = _transport(config)
-    pending = []
-    for kind, n in (("prefill", config.num_prefill), ("decode", config.num_decode),
-                    ("colocated", config.num_colocated)):
-        for i in range(n):
-            wid = f"{kind}-{i}"
-            actor = _actor_options(kind, wid, config, lifetime="detached",
-                                   get_if_exists=True).remote(wid, config, transport)
-            pending.append((wid, actor.info.remote()))
-    infos = ray.get([ref for _, ref in pending], timeout=timeout_s)
-    log.info("pools ensured: %s (transport %s)", [w for w, _ in pending], transport)
-    return {wid: info for (wid, _), info in zip(pending, infos)}
+    names = [f"{kind}-{i}" for kind, n in (("prefill", config.num_prefill),
+                                           ("decode", config.num_decode),
+                                           ("colocated", config.num_colocated))
+             for i in range(n)]
+
+    def get(wid: str) -> Any:
+        kind = wid.rsplit("-", 1)[0]
+        return _actor_options(kind, wid, config, lifetime="detached",
+                              get_if_exists=True).remote(wid, config, transport, tag)
+
+    deadline = time.monotonic() + timeout_s
+    out: dict[str, WorkerInfo] = {}
+    todo = names
+    while todo:
+        actors = {wid: get(wid) for wid in todo}
+        left = max(1.0, deadline - time.monotonic())
+        refs = {wid: a.info.remote() for wid, a in actors.items()}
+        todo = []
+        for wid, ref in refs.items():
+            try:
+                info = ray.get(ref, timeout=left)
+            except ray.exceptions.RayActorError:  # replaced by a racing replica: get it again
+                todo.append(wid)
+                continue
+            if info.config_tag and info.config_tag != tag:  # "": baton serve's own pool
+                log.info("replacing %s: made for config %s, want %s", wid, info.config_tag, tag)
+                ray.kill(actors[wid], no_restart=True)
+                todo.append(wid)
+                continue
+            out[wid] = info
+        if todo and time.monotonic() > deadline:
+            raise TimeoutError(f"workers {todo} not ready in {timeout_s} s")
+        if todo:
+            time.sleep(0.5)  # let the killed names free up
+    log.info("pools ensured: %s (transport %s, config %s)", names, transport, tag)
+    return out
 
 
 def start_pools(config: PoolConfig, *, ray_init_kwargs: dict[str, Any] | None = None) -> Pools:

@@ -31,7 +31,7 @@ def resolve_mode(config: ServeConfig) -> str:
     return "disaggregated" if importlib.util.find_spec("baton.cluster.client") else "colocated"
 
 
-async def _cluster_client(config: ServeConfig) -> EngineClient:
+async def _cluster_client(config: ServeConfig, model: ModelInfo) -> EngineClient:
     """The Ray pools, got or created: ``baton serve`` starts them before the router, but under
     KubeRay nobody does, so the replica creates the configured workers (named, detached,
     ``get_if_exists``: racing replicas end up with one pool) and waits until they are loaded."""
@@ -40,7 +40,9 @@ async def _cluster_client(config: ServeConfig) -> EngineClient:
     from baton.router.cluster_adapter import ClusterEngineClient, pool_config
 
     pcfg = pool_config(config)
-    await asyncio.get_running_loop().run_in_executor(None, ensure_pools, pcfg)
+    version = f"{model.identity.model_fingerprint}|{model.identity.tokenizer_hash}"
+    await asyncio.get_running_loop().run_in_executor(
+        None, lambda: ensure_pools(pcfg, model_version=version))
     return ClusterEngineClient(await ClusterClient.discover(pcfg))
 
 
@@ -73,7 +75,8 @@ async def build_core(config: ServeConfig, client: EngineClient | None = None,
             client = local
             model = model or ModelInfo.from_engine(local.engine, config)
         else:
-            client = await _cluster_client(config)
+            model = model or await loop.run_in_executor(None, ModelInfo.load, config)
+            client = await _cluster_client(config, model)
     if model is None:
         model = await loop.run_in_executor(None, ModelInfo.load, config)
     core = RouterCore(config, client, model, auth, directory=directory)

@@ -120,3 +120,21 @@ def test_tenant_purge_touches_only_that_tenant(stack) -> None:
     assert holders(directory, model, "b", True)
     assert complete(base, "b") == 96
     assert complete(base, "a") == 0
+
+
+def test_a_rolled_config_replaces_the_workers(stack, tiny_model_dir) -> None:
+    from baton.cluster.pool_config import PoolConfig
+    from baton.cluster.pools import ensure_pools
+    from baton.workers.config import CacheConfig, EngineConfig
+
+    cfg = PoolConfig(engine=EngineConfig(model=str(tiny_model_dir), device="cpu", dtype="float32",
+                                         cache=CacheConfig(block_size=16, num_kv_blocks=16)),
+                     num_prefill=0, num_decode=1, num_cpus_per_worker=0.25, transport="gloo",
+                     ray_namespace="baton-roll", prefix_directory=None)
+    try:
+        first = ensure_pools(cfg, model_version="v1")["decode-0"]
+        assert ensure_pools(cfg, model_version="v1")["decode-0"].pid == first.pid  # got, not made
+        rolled = ensure_pools(cfg, model_version="v2")["decode-0"]  # new weights at the same path
+        assert rolled.pid != first.pid and rolled.config_tag != first.config_tag
+    finally:
+        ray.kill(ray.get_actor("decode-0", namespace="baton-roll"), no_restart=True)
