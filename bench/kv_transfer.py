@@ -248,13 +248,15 @@ def main() -> None:
     result["limits"] = {"copy": bench_copy(args.device, args.sizes_mib, args.iters)}
     if cuda:
         result["limits"]["nccl_send_recv"] = bench_nccl_limit(args.sizes_mib, args.iters)
-    for name in names:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for name in names:  # written after every step, so a run cut short still leaves what it measured
         print(f"== {name}", flush=True)
         result["transports"][name] = bench_transport(name, args.device, args.sizes_mib, args.iters)
         print(json.dumps(result["transports"][name])[:600], flush=True)
+        out.write_text(json.dumps(result, indent=2))
     result["handover"] = bench_handover(args.device, args.iters, args.model)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result["limits"])[:800])
     print(json.dumps(result["handover"]))
 
