@@ -148,6 +148,9 @@ def summarize(
             if r.status == 200 and not r.cancelled and r.finish_reason not in OK_FINISH
         ),
         "cancelled_by_client": sum(1 for r in results if r.cancelled),
+        "error_messages": dict(
+            Counter(r.error for r in results if r.error and not r.cancelled).most_common(5)
+        ),
         "finish_reasons": {str(k): v for k, v in finish.items()},
         "token_count_mismatches": sum(
             1
@@ -285,6 +288,8 @@ async def _send(
                         last = now
                     if choice.get("finish_reason") is not None:
                         res.finish_reason = choice["finish_reason"]
+                        if choice.get("error"):
+                            res.error = str(choice["error"].get("message", ""))[:300]
             res.e2e_s = time.perf_counter() - start
             if res.finish_reason is None:
                 res.error = "stream ended without a finish_reason"

@@ -278,6 +278,8 @@ class _Formatter:
             c["text"] = d.text
         if d.finish_reason is not None:
             c["stop_reason"] = d.stop_reason
+        if d.finish_reason == "error" and d.error:  # a terminal error says why, once, in its chunk
+            c["error"] = {"message": d.error, "type": "server_error"}
         if self.token_ids:
             c["token_ids"] = list(d.token_ids)
         return c

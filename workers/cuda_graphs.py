@@ -89,7 +89,10 @@ class DecodeGraphs:
                 self.model.forward(*args)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: other threads of this process (KV transfers receiving into the cache, CUDA IPC
+        # handle opens) keep running while this thread captures; "global" would make their CUDA calls
+        # invalidate the capture and fail the step.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             hidden = self.model.forward(*args)
         log.debug("captured decode graph batch=%d ctx=%d", batch, ctx)
         return _Graph(graph, hidden)

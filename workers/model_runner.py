@@ -6,12 +6,15 @@ KV cache: ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]`` (s
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 
 from baton.kernels.attention import AttentionMetadata
 from baton.workers.scheduler import SchedulerOutput
+
+log = logging.getLogger(__name__)
 
 
 def kv_cache_dtype_for(name: str, model_dtype: torch.dtype) -> torch.dtype:
@@ -59,6 +62,7 @@ class ModelRunner:
             device=device,
         )
         self.graphs = None
+        self.graph_failures = 0
         if cuda_graphs and device.type == "cuda":
             from baton.workers.cuda_graphs import DecodeGraphs
 
@@ -90,7 +94,15 @@ class ModelRunner:
         ):
             bs = self.block_size
             slots = [t[(p) // bs] * bs + p % bs for t, p in zip(tables, positions)]
-            hidden = self.graphs.run(input_ids, positions, slots, seq_lens, tables)
+            try:
+                hidden = self.graphs.run(input_ids, positions, slots, seq_lens, tables)
+            except RuntimeError:
+                # A capture that fails must not fail the step (and every request in it): log it,
+                # fall back to eager decode for good, and run this step eagerly.
+                log.exception("CUDA graph capture/replay failed; decode runs eagerly from now on")
+                self.graphs = None
+                self.graph_failures += 1
+                return self.execute(out)
         else:
             meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.block_size, self.device)
             ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
