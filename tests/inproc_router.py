@@ -45,7 +45,7 @@ class InprocRouter:
         return self.run(self.core.client.stats())[0]
 
     def assert_no_leak(self, timeout: float = 30.0) -> Any:
-        """Wait for the engine to go idle, then: every block free, integrity sound, no ticket held."""
+        """Wait for the engine to go idle; then every block is free, integrity sound, no ticket."""
         deadline = time.monotonic() + timeout
         while True:
             w = self.engine_stats()

@@ -1,9 +1,9 @@
 """The Serve router replica killed under load, in disaggregated mode (the pools are detached Ray
 actors and outlive the replica): every in-flight request (HTTP SSE and gRPC streams) either
-finishes with the fault-free greedy tokens or ends with exactly one terminal error, none hangs; Serve
-starts a new replica that reuses the same pools, and new requests (HTTP and gRPC) succeed with the
-same tokens; the orphaned sequences end on the workers, which return to zero used blocks, zero
-live sequences (their undelivered streams are not reaped yet: the strict xfail below).
+finishes with the fault-free greedy tokens or ends with exactly one terminal error, none hangs;
+Serve starts a new replica that reuses the same pools, and new requests (HTTP and gRPC) succeed
+with the same tokens; the orphaned sequences end on the workers, which return to zero used blocks
+and zero live sequences (their undelivered streams are not reaped yet: the strict xfail below).
 """
 
 from __future__ import annotations

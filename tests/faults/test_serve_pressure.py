@@ -37,8 +37,8 @@ from baton.protos.baton.v1 import generation_pb2 as pb  # noqa: E402
 from baton.protos.baton.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
 
 BLOCKS = 32
-PREDICTED, ACTUAL = 8, 48
-BURST = 64  # a sequence needs 4 blocks at its end: ~7 fit; the burst is ~10x
+PREDICTED, ACTUAL = 8, 160
+BURST = 40  # a sequence needs 11 blocks at its end: 2 fit at once; the burst is >10x
 LEAK_N = 300
 RSS_BOUND_MB = 64.0
 
@@ -47,7 +47,7 @@ RSS_BOUND_MB = 64.0
 def router(tiny_model_dir):
     args = router_args(
         tiny_model_dir, engine={"num_kv_blocks": BLOCKS},
-        admission={"min_samples": 8, "max_queue_per_tenant": 40, "queue_timeout_s": 120})
+        admission={"min_samples": 8, "max_queue_per_tenant": 16, "queue_timeout_s": 120})
     with serve_router(args, grpc=True) as h:
         yield h
 
@@ -68,6 +68,11 @@ def replica_rss_mb() -> float:
         if "ServeReplica:baton:BatonRouter" in title:
             return p.memory_info().rss / 2**20
     raise AssertionError("no Serve replica process found")
+
+
+def replicas() -> set[str]:
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("SERVE_REPLICA")}
 
 
 class Sampler(threading.Thread):
@@ -128,16 +133,26 @@ def _grpc(stub, i: int, max_tokens: int) -> tuple[int, str | None]:
 
 @pytest.mark.timeout(300)
 def test_burst_never_exceeds_kv_budget(router, stub) -> None:
-    with router.client(timeout=180) as c:
-        for i in range(8):  # the predictor learns "8 tokens"
-            assert _http(c, i, PREDICTED, False) == (200, "length")
+    def warm(i: int) -> tuple[int, str | None]:
+        with router.client(timeout=180) as c:
+            return _http(c, i, PREDICTED, False)
+
+    # The predictors (router and engine) learn "8 tokens" from 48 samples, so that the burst's
+    # first completions cannot lift their 0.9 quantile before the first wave is admitted.
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(warm, range(48))) == {(200, "length")}
+    before = replicas()
     sampler = Sampler(router)
     sampler.start()
 
+    go = threading.Barrier(BURST)  # one wave: the first admissions all rest on the old guess
+
     def one(i: int) -> tuple[int, str | None]:
         if i % 4 == 3:
+            go.wait(60)
             return _grpc(stub, i, ACTUAL)
         with router.client(timeout=180) as c:
+            go.wait(60)
             return _http(c, i, ACTUAL, stream=i % 2 == 0)
 
     try:
@@ -147,9 +162,10 @@ def test_burst_never_exceeds_kv_budget(router, stub) -> None:
         sampler.stop.set()
         sampler.join(10)
     statuses = [s for s, _ in results]
-    assert set(statuses) <= {200, 429}, statuses  # no 5xx, nothing crashed
+    assert set(statuses) <= {200, 429}, statuses  # no 5xx
+    assert replicas() == before, "a replica crashed and was replaced during the burst"
     assert all(f == "length" for s, f in results if s == 200), results  # never aborted for memory
-    assert 0 < statuses.count(429) and statuses.count(200) > 40, statuses
+    assert 0 < statuses.count(429) and statuses.count(200) >= 16, statuses
     assert len(sampler.samples) > 10, "the sampler saw nothing"
     for st in sampler.samples:
         for w in st["workers"]:
@@ -222,6 +238,7 @@ def _leak_check(router, stub, n: int) -> None:
     _cancel_many(router, stub, n, seed=2)
     st = router.assert_no_leak()
     grew = replica_rss_mb() - rss0
+    print(f"replica RSS {rss0:.0f} MB -> +{grew:.1f} MB over {n} cancelled requests")
     assert grew < RSS_BOUND_MB, f"replica RSS grew by {grew:.1f} MB over {n} cancelled requests"
     for w in st["workers"]:
         assert w["num_free_blocks"] == w["num_total_blocks"] and not w["num_running"]

@@ -113,7 +113,7 @@ async def collect(client, rid: str, prompt, hint: RoutingHint | None = None):
     return tokens, last
 
 
-# -- gRPC stream dropped halfway --------------------------------------------------------------------
+# -- gRPC stream dropped halfway ------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["abort", "truncate"])
 def test_grpc_stream_dropped_halfway_recomputes(cluster, want, mode) -> None:
     pools = cluster["grpc"]
@@ -137,7 +137,7 @@ def test_grpc_stream_dropped_halfway_recomputes(cluster, want, mode) -> None:
     assert_back_to_baseline(pools)
 
 
-# -- prefix directory killed mid-load ---------------------------------------------------------------
+# -- prefix directory killed mid-load -------------------------------------------------------------
 def _directory_entries(handle) -> int:
     try:
         return int(ray.get(handle.stats.remote(), timeout=5)["entries"])
@@ -186,8 +186,8 @@ def test_directory_killed_mid_load(cluster, want, directory_config, tiny_model_d
     for i, p in enumerate(PROMPTS[:2]):
         assert asyncio.run(one(100 + i, p))[0] == want[p]
     _wait(lambda: _directory_entries(handle) > 0, 15, "the workers' first publish")
-    old_pid = ray.get(handle.__ray_call__.remote(lambda self: __import__("os").getpid())) \
-        if hasattr(handle, "__ray_call__") else None
+    _pid = lambda actor_self: __import__("os").getpid()  # noqa: E731 - pickled by value
+    old_pid = ray.get(handle.__ray_call__.remote(_pid), timeout=10)
 
     async def load_with_kill():
         first_routed = asyncio.Event()
@@ -203,8 +203,7 @@ def test_directory_killed_mid_load(cluster, want, directory_config, tiny_model_d
     assert router.directory_errors > 0, "no routing call saw the directory down: kill came late"
     # restarted, then rebuilt from the workers' heartbeat + snapshot re-publish
     entries = _wait(lambda: max(_directory_entries(handle), 0), 30, "the directory to refill")
-    if old_pid is not None:
-        assert ray.get(handle.__ray_call__.remote(lambda self: __import__("os").getpid())) != old_pid
+    assert ray.get(handle.__ray_call__.remote(_pid), timeout=10) != old_pid  # a new process
     root = router.root("default")
     from baton.workers.block_hash import block_hashes
 
@@ -215,7 +214,7 @@ def test_directory_killed_mid_load(cluster, want, directory_config, tiny_model_d
     assert_back_to_baseline(pools)
 
 
-# -- abandoned and aborted requests -----------------------------------------------------------------
+# -- abandoned and aborted requests ---------------------------------------------------------------
 def test_abandon_and_abort_at_random_points(cluster, want) -> None:
     pools = cluster["gloo"]
     client = pools.client()

@@ -4,8 +4,8 @@ values, wrong wire types, empty and 1 MB prompts, invalid UTF-8, unknown fields)
 (INVALID_ARGUMENT / UNAUTHENTICATED / NOT_FOUND / RESOURCE_EXHAUSTED), never a 5xx / INTERNAL, and
 the engine afterwards is alive with every KV block free.
 
-Runs in-process (uvicorn + grpcio aio around the real ``RouterCore`` and a colocated engine, no Ray):
-the code under test is the same as in a Serve replica, and thousands of calls take seconds.
+Runs in-process (uvicorn + grpcio aio around the real ``RouterCore`` and a colocated engine, no
+Ray): the code under test is the same as in a Serve replica, and thousands of calls take seconds.
 The server does not publish ``/openapi.json`` (``openapi_url=None``: the bodies are read raw so
 that errors name the field), so the schema is FastAPI's own route list with the request bodies taken
 from the pydantic models in ``router/schemas.py``; a route missing from it fails the test.
@@ -314,8 +314,8 @@ def test_grpc_edge_messages(router) -> None:
 
 
 @pytest.mark.xfail(strict=True, reason="n>1 children are admitted one by one and consumed only "
-                   "after all are admitted: when n sequences do not fit the KV budget together, the "
-                   "request waits out queue_timeout_s and gets 429 (openai_api.run; see README)")
+                   "after all are admitted: when n sequences do not fit the KV budget together, "
+                   "the request waits out queue_timeout_s, then 429 (openai_api.run; see README)")
 def test_n_larger_than_kv_budget_answers_at_once(router) -> None:
     import time
 

@@ -253,7 +253,7 @@ def test_cross_tenant_latency_is_a_miss(router) -> None:
     med = {k: sorted(v)[len(v) // 2] for k, v in (("hit", hit), ("cross", cross), ("miss", miss))}
     assert _auc(hit, miss) > 0.9, f"hits not measurably faster: the test has no power ({med})"
     auc = _auc(cross, miss)
-    assert 0.2 <= auc <= 0.8, f"cross-tenant repeats are distinguishable from misses: AUC {auc} {med}"
+    assert 0.2 <= auc <= 0.8, f"cross-tenant repeats differ from misses: AUC {auc} {med}"
     router.assert_no_leak()
 
 
