@@ -10,6 +10,10 @@ pair once (both ends at the same time) and asks the source to ``send_kv`` while 
 from the source's endpoint or opens the exported payload. The checksum is verified on receipt. Any failure
 (timeout, dead source, expired lease, bad bytes) makes it recompute the prefill locally, exactly once; the source
 is acked in every case so its blocks are freed before the lease runs out.
+
+Orphans: a stream whose caller died (a router replica killed mid-request) is never polled again. A
+reaper task aborts (blocks freed now) and forgets every stream not polled for ``orphan_timeout_s``;
+a later poll of a reaped stream gets one final ``abort`` delta naming why, not a ``KeyError``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import itertools
 import logging
 import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -41,6 +46,7 @@ from baton.workers.roles import (
 )
 
 log = logging.getLogger(__name__)
+_MAX_TOMBSTONES = 4096  # reaped ids remembered so a late poll gets a final delta, not a KeyError
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,10 @@ class _Worker:
         self._events: dict[str, asyncio.Event] = {}
         self._traces: dict[str, DecodeTrace] = {}
         self._pair_locks: dict[str, asyncio.Lock] = {}
+        self._polled: dict[str, float] = {}  # stream -> last poll (monotonic); set once started
+        self._reaped: OrderedDict[str, float] = OrderedDict()  # bounded tombstones of orphans
+        self._reaper: asyncio.Task[None] | None = None
+        self.orphans_reaped = 0
         self._ids = itertools.count(1)
         self._info = WorkerInfo(worker_id, self.kind, _node_id(), self.endpoint, transport,
                                 str(engine.device), engine.pool.block_size, os.getpid(),
@@ -227,6 +237,9 @@ class _Worker:
         if trace is not None:
             trace.start_decode(bool(placed), bool(resume_tokens))
             self._traces[req.request_id] = trace
+        if req.request_id in self._streams:  # the idle clock starts once the caller can poll
+            self._polled[req.request_id] = time.monotonic()
+            self._ensure_reaper()
         return StartResult(bool(placed), err)
 
     async def _pull(self, offer: PrefillOffer, source: SourceRef | None):
@@ -282,7 +295,13 @@ class _Worker:
         """Deltas ready for ``request_id``; the list ending in a final delta is the last one."""
         stream = self._streams.get(request_id)
         if stream is None:
+            idle = self._reaped.pop(request_id, None)
+            if idle is not None:
+                return [GenerateDelta(request_id, (), "", finish_reason="abort", error=(
+                    f"{self.worker_id} dropped the stream: not polled for {idle:.0f} s "
+                    f"(orphan_timeout_s={self.config.orphan_timeout_s:g})"))]
             raise KeyError(f"{self.worker_id} has no stream {request_id!r}")
+        self._polled[request_id] = time.monotonic()
         items = stream.poll(0)
         if not items:
             event = self._events[request_id]
@@ -294,6 +313,8 @@ class _Worker:
                 except asyncio.TimeoutError:
                     pass
                 items = stream.poll(0)
+        if request_id in self._polled:  # a long wait is not idleness
+            self._polled[request_id] = time.monotonic()
         trace = self._traces.get(request_id)
         if trace is not None and items:
             trace.observe(items)
@@ -304,6 +325,7 @@ class _Worker:
     def _forget(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
         self._events.pop(request_id, None)
+        self._polled.pop(request_id, None)
         trace = self._traces.pop(request_id, None)
         if trace is not None:
             trace.close()
@@ -315,6 +337,40 @@ class _Worker:
         if self.decode_role is not None and request_id in self._streams:
             hit = await asyncio.to_thread(self.decode_role.abort, request_id) or hit
         return hit
+
+    # -- orphans ----------------------------------------------------------------------------------
+    def _ensure_reaper(self) -> None:
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_loop())
+
+    async def _reap_loop(self) -> None:
+        period = min(5.0, self.config.orphan_timeout_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.reap_orphans()
+            except Exception:  # noqa: BLE001 - keep reaping; the next round retries
+                log.exception("%s: reaping orphaned streams failed", self.worker_id)
+
+    async def reap_orphans(self) -> int:
+        """Abort and forget every started stream not polled for ``orphan_timeout_s``: its caller is
+        gone (the router polls at least every ``poll_wait_s`` while it lives). Returns how many."""
+        now = time.monotonic()
+        limit = self.config.orphan_timeout_s
+        stale = [(rid, now - t) for rid, t in self._polled.items() if now - t > limit]
+        for rid, idle in stale:
+            if self._polled.get(rid) is None or now - self._polled[rid] <= limit:
+                continue  # polled (or finished) while an earlier abort ran
+            if self.decode_role is not None:
+                await asyncio.to_thread(self.decode_role.abort, rid)
+            self._forget(rid)
+            self._reaped[rid] = idle
+            while len(self._reaped) > _MAX_TOMBSTONES:
+                self._reaped.popitem(last=False)
+            self.orphans_reaped += 1
+            log.info("%s: dropped orphaned stream %s (not polled for %.1f s)",
+                     self.worker_id, rid, idle)
+        return len(stale)
 
     # -- introspection and tests ------------------------------------------------------------------
     async def stats(self) -> WorkerStats:
@@ -337,6 +393,8 @@ class _Worker:
         f.drop_stream_next, f.drop_stream_mode = drop_stream_next, drop_stream_mode
 
     async def shutdown(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
         if self.publisher is not None:
             await self.publisher.stop()
         self.loop.stop()

@@ -53,6 +53,10 @@ class PoolConfig:
     prefill_timeout_s: float = 120.0
     stream_idle_timeout_s: float = 120.0  # no delta for this long from a live decode worker: terminal error
     poll_wait_s: float = 0.5  # one stream poll waits at most this long on the decode worker
+    # A started stream not polled for this long has lost its caller (a dead router replica): the
+    # decode worker aborts it (blocks freed) and forgets it. A live caller polls at least every
+    # poll_wait_s, so this must be many polls long (validated: >= 10 x poll_wait_s).
+    orphan_timeout_s: float = 60.0
     ray_namespace: str = "baton"
     address: str | None = None  # existing Ray cluster; None starts an embedded local one
     # Per-kind overrides of num_gpus/num_cpus_per_worker plus custom resources ("prefill", ...).
@@ -75,12 +79,15 @@ class PoolConfig:
         _require(self.disagg_threshold_tokens >= 0, "disagg_threshold_tokens",
                  self.disagg_threshold_tokens, "must be >= 0")
         for name in ("lease_s", "transfer_timeout_s", "prefill_timeout_s", "stream_idle_timeout_s",
-                     "poll_wait_s"):
+                     "poll_wait_s", "orphan_timeout_s"):
             v = getattr(self, name)
             _require(v > 0, name, v, "must be > 0 seconds")
         for kind in self.worker_resources:
             _require(kind in ("prefill", "decode", "colocated"), "worker_resources", kind,
                      "keys must be prefill, decode or colocated")
+        _require(self.orphan_timeout_s >= 10 * self.poll_wait_s, "orphan_timeout_s",
+                 self.orphan_timeout_s, f"must be >= 10 x poll_wait_s={self.poll_wait_s} (a live "
+                 "stream that is polled slowly must never be reaped)")
         _require(self.transfer_timeout_s < self.lease_s, "transfer_timeout_s",
                  self.transfer_timeout_s, f"must be shorter than lease_s={self.lease_s}")
 

@@ -105,6 +105,9 @@ class PoolsSection(_Strict):
     decode: PoolSection = PoolSection()
     transport: Transport = "auto"
     short_prompt_tokens: int = Field(default=0, ge=0)  # prompts up to this go straight to decode
+    # A decode worker drops a stream nobody polled for this long (its router replica died);
+    # PoolConfig checks it is >= 10 x the poll interval (0.5 s).
+    orphan_timeout_s: float = Field(default=60.0, ge=5.0)
 
 
 class TenantLimits(_Strict):

@@ -33,7 +33,7 @@ def pool_config(config: ServeConfig, address: str | None = None) -> Any:
         engine=config.engine_config(), num_prefill=p.prefill.replicas, num_decode=p.decode.replicas,
         num_gpus_per_worker=max(p.prefill.num_gpus, p.decode.num_gpus),
         num_cpus_per_worker=max(p.prefill.num_cpus, p.decode.num_cpus), transport=p.transport,
-        address=address, worker_resources=per_kind, **extra)
+        address=address, worker_resources=per_kind, orphan_timeout_s=p.orphan_timeout_s, **extra)
 
 
 class ClusterEngineClient:

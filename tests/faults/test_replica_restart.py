@@ -3,7 +3,8 @@ actors and outlive the replica): every in-flight request (HTTP SSE and gRPC stre
 finishes with the fault-free greedy tokens or ends with exactly one terminal error, none hangs;
 Serve starts a new replica that reuses the same pools, and new requests (HTTP and gRPC) succeed
 with the same tokens; the orphaned sequences end on the workers, which return to zero used blocks
-and zero live sequences (their undelivered streams are not reaped yet: the strict xfail below).
+and zero live sequences, and drop the orphans' undelivered streams once nobody has polled them for
+``orphan_timeout_s`` (shortened here; live streams, polled every 0.5 s, are never dropped).
 """
 
 from __future__ import annotations
@@ -32,13 +33,15 @@ from baton.protos.baton.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
 pytestmark = pytest.mark.timeout(300)
 MAX_TOKENS = 160
 N_HTTP, N_GRPC = 6, 3
+ORPHAN_TIMEOUT_S = 8.0
 
 
 @pytest.fixture(scope="module")
 def router(tiny_model_dir):
     pool = {"replicas": 1, "num_cpus": 0.25}
     args = router_args(tiny_model_dir, pools={"mode": "disaggregated", "transport": "gloo",
-                                              "prefill": pool, "decode": pool})
+                                              "prefill": pool, "decode": pool,
+                                              "orphan_timeout_s": ORPHAN_TIMEOUT_S})
     with serve_router(args, grpc=True) as h:
         yield h
 
@@ -185,8 +188,10 @@ def wait_workers_idle(busy_if, timeout: float = 60.0) -> None:
         ray.get(actor.check_integrity.remote(), timeout=30)
 
 
-@pytest.mark.xfail(strict=True, reason="a decode worker keeps the DeltaStream of a request whose "
-                   "router died (nobody polls it again): _Worker._streams grows by one per "
-                   "orphan; needs an unpolled-stream reaper in cluster/actors.py (see README)")
 def test_orphaned_streams_are_dropped(router) -> None:
-    wait_workers_idle(lambda s, streams: streams > 0, timeout=10)
+    """Runs after the kill above: nobody polls the dead replica's streams, so the reaper drops them
+    (and the new replica's own finished streams are gone already)."""
+    wait_workers_idle(lambda s, streams: streams > 0, timeout=ORPHAN_TIMEOUT_S + 10)
+    reaped = [ray.get(a.__ray_call__.remote(lambda self: self.orphans_reaped), timeout=30)
+              for a in workers().values()]
+    assert sum(reaped) > 0, "no orphan was reaped: the kill left nothing to prove"
