@@ -13,16 +13,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import queue
-import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from baton.workers.messages import GenerateDelta, GenerateRequest
 from baton.router.client_protocol import Route, WorkerLoad
 from baton.workers.config import EngineConfig
+from baton.workers.messages import GenerateDelta, GenerateRequest
 from baton.workers.outputs import RequestOutput
+from baton.workers.roles import EngineLoop
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -57,39 +56,20 @@ class LocalEngineClient:
         self.worker_id = worker_id
         self._check_idle = check_integrity_when_idle
         self._integrity_error: str | None = None
-        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"engine-{worker_id}", daemon=True)
-        self._thread.start()
+        self._was_busy = False
+        # The same engine thread the pool workers use (workers/roles.py): commands, steps, and a step
+        # failure ending every live request once with an error.
+        self.loop = EngineLoop(engine)
+        self.loop.add_ticker(self._after_step)
 
     # -- engine thread ----------------------------------------------------------------------------
-    def _loop(self) -> None:
-        eng = self.engine
-        while not self._stop.is_set():
-            busy = eng.has_unfinished_requests()
-            try:
-                cmd = self._commands.get_nowait() if busy else self._commands.get(timeout=0.05)
-                while True:  # run everything queued before the next step
-                    try:
-                        cmd()
-                    except Exception:  # noqa: BLE001 - commands report through their futures
-                        log.exception("engine %s: command failed", self.worker_id)
-                    cmd = self._commands.get_nowait()
-            except queue.Empty:
-                pass
-            if not eng.has_unfinished_requests():
-                continue
-            try:
-                outputs = eng.step()
-            except Exception as exc:  # a step failure ends every live request with an error, once
-                log.exception("engine %s: step failed", self.worker_id)
-                self._fail_all(f"engine step failed: {exc}")
-                continue
-            for out in outputs:
-                self._dispatch(out)
-            if self._check_idle and not eng.has_unfinished_requests():
-                self._check()
+    def _after_step(self) -> None:
+        """Integrity check each time the engine goes idle (tests turn it on)."""
+        busy = self.engine.has_unfinished_requests()
+        if self._check_idle and self._was_busy and not busy:
+            self._check()
+        self._was_busy = busy
 
     def _check(self) -> None:
         try:
@@ -124,33 +104,9 @@ class LocalEngineClient:
             self._streams.pop(out.request_id, None)
         st.loop.call_soon_threadsafe(st.queue.put_nowait, delta)
 
-    def _fail_all(self, message: str) -> None:
-        for rid, st in list(self._streams.items()):
-            try:
-                self.engine.abort_request(rid)
-            except Exception:  # noqa: BLE001 - already failing; the error delta below is what matters
-                log.exception("abort of %s after a failed step", rid)
-            st.loop.call_soon_threadsafe(
-                st.queue.put_nowait,
-                GenerateDelta(rid, (), "", finish_reason="error", error=message,
-                              num_prompt_tokens=st.num_prompt_tokens, worker_id=self.worker_id),
-            )
-        self._streams.clear()
-        self.engine.step()  # collect the abort outputs so nothing stays pending
-
     def call(self, fn: Callable[[Any], T]) -> concurrent.futures.Future[T]:
         """Run ``fn(engine)`` on the engine thread (the only safe place to touch it)."""
-        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-        def run() -> None:
-            if fut.set_running_or_notify_cancel():
-                try:
-                    fut.set_result(fn(self.engine))
-                except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                    fut.set_exception(exc)
-
-        self._commands.put(run)
-        return fut
+        return self.loop.call(fn)
 
     async def _acall(self, fn: Callable[[Any], T]) -> T:
         return await asyncio.wrap_future(self.call(fn))
@@ -165,6 +121,7 @@ class LocalEngineClient:
         def add(eng: Any) -> None:
             eng.add_request(rid, request.prompt_token_ids, request.params, namespace=request.namespace)
             self._streams[rid] = st
+            self.loop.register(rid, self._dispatch)
 
         try:
             await self._acall(add)  # validation errors (context, vocab) surface here, before any delta
@@ -175,9 +132,9 @@ class LocalEngineClient:
                     return
         finally:
             if not st.finished:
-                self._commands.put(lambda: self._abort_now(rid))
+                self.call(lambda eng: self._abort_now(rid))
 
-    def _abort_now(self, rid: str) -> None:
+    def _abort_now(self, rid: str) -> None:  # engine thread
         st = self._streams.pop(rid, None)
         if st is not None:
             st.finished = True
@@ -186,7 +143,7 @@ class LocalEngineClient:
     async def abort(self, request_id: str) -> None:
         """Abort by id (gRPC ``Abort``): the stream still ends exactly once, with ``abort``."""
 
-        def run() -> None:
+        def run(eng: Any) -> None:
             st = self._streams.get(request_id)
             self._abort_now(request_id)
             if st is not None:
@@ -194,10 +151,10 @@ class LocalEngineClient:
                     request_id, (), "", finish_reason="abort",
                     num_prompt_tokens=st.num_prompt_tokens, worker_id=self.worker_id))
 
-        self._commands.put(run)
+        self.call(run)
 
     async def health(self) -> bool:
-        return self._thread.is_alive() and self._integrity_error is None
+        return self.loop.alive and self._integrity_error is None
 
     async def stats(self) -> list[WorkerLoad]:
         def snap(eng: Any) -> WorkerLoad:
@@ -220,7 +177,7 @@ class LocalEngineClient:
             )
 
         load = await self._acall(snap)
-        return [load if self._thread.is_alive() else WorkerLoad(self.worker_id, "colocated", False)]
+        return [load if self.loop.alive else WorkerLoad(self.worker_id, "colocated", False)]
 
     async def check_integrity(self) -> str | None:
         """Run the engine's block-accounting check now; the error text, or None when sound."""
@@ -231,5 +188,4 @@ class LocalEngineClient:
         return int(await self._acall(lambda eng: eng.reset_prefix_cache(namespace)))
 
     async def close(self) -> None:
-        self._stop.set()
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5.0)
+        await asyncio.get_running_loop().run_in_executor(None, self.loop.stop, 5.0)

@@ -169,6 +169,10 @@ class EngineLoop:
             self._cmds.put(run)
         return fut
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
     def register(self, request_id: str, sink: Sink) -> None:
         """Route this request's outputs to ``sink`` (loop thread only; dropped after the finished one)."""
         self._sinks[request_id] = sink
