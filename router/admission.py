@@ -7,7 +7,9 @@ projected blocks of every admitted request (current tokens + predicted remaining
 arrive) plus its own fit the budget minus headroom. Otherwise it waits in its tenant's queue;
 tenants are served round-robin so one tenant's burst cannot starve another. Past ``queue_timeout_s``
 (or with the queue full) it gets 429 with ``Retry-After``. Outgrowing a prediction is the engine's
-problem to absorb by preemption: nothing admitted is ever aborted here.
+problem to absorb by preemption: nothing admitted is ever aborted here. A request whose ``n``
+sequences could never run side by side within the whole budget is refused at once (400,
+``check_fan_out``) instead of queueing into a 429.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from baton.cluster.serve_config import AdmissionSection, TenantLimits
-from baton.router.errors import APIError, rejected
+from baton.router.errors import APIError, bad_request, rejected
 from baton.workers.admission import AdmissionPolicy, OutputLengthPredictor
 
 
@@ -81,6 +83,8 @@ class AdmissionController:
         self._clock = clock
         self.predictor = OutputLengthPredictor(config.quantile, config.window, config.min_samples)
         self.policy = AdmissionPolicy(max(1, total_blocks), block_size, config.headroom)
+        # False until a pool reports its blocks (or kv_blocks_override): no fan-out verdicts before
+        self.capacity_known = config.kv_blocks_override is not None
         self._admitted: dict[str, Ticket] = {}
         self._per_tenant: dict[str, int] = {}
         self._queues: OrderedDict[str, deque[Ticket]] = OrderedDict()
@@ -94,6 +98,7 @@ class AdmissionController:
     def set_capacity(self, total_blocks: int, block_size: int) -> None:
         if total_blocks <= 0:
             return
+        self.capacity_known = True
         if (total_blocks, block_size) != (self.policy.total_blocks, self.policy.block_size):
             self.policy = AdmissionPolicy(total_blocks, block_size, self.config.headroom)
             self._pump()
@@ -112,6 +117,24 @@ class AdmissionController:
 
     def limits(self, tenant: str) -> TenantLimits:
         return self.config.tenant_limits.get(tenant, self.config.default_limits)
+
+    def check_fan_out(self, n: int, prompt_tokens: int, max_tokens: int) -> None:
+        """400 when ``n`` sequences of one request, each at its worst case (prompt + max_tokens),
+        exceed the whole KV budget together. The count is deterministic (no prediction, no current
+        load), so the same request always gets the same answer, and the message says what fits."""
+        if n <= 1 or not self.capacity_known:
+            return
+        each = self.policy.projected_blocks(prompt_tokens, max_tokens)
+        need, budget = n * each, self.policy.budget_blocks
+        if need <= budget:
+            return
+        raise bad_request(
+            f"n={n} sequences of {prompt_tokens} prompt tokens and max_tokens={max_tokens} need "
+            f"{need} KV blocks side by side ({each} each); the server's KV budget is {budget} "
+            f"blocks, so at most n={budget // each} fit with this prompt and max_tokens. Lower n "
+            "or max_tokens, or send the copies as separate requests.", "n", n=n,
+            prompt_tokens=prompt_tokens, max_tokens=max_tokens, kv_blocks_needed=need,
+            kv_budget_blocks=budget)
 
     # -- acquire / release ------------------------------------------------------------------------
     async def acquire(

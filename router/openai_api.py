@@ -48,41 +48,58 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def merge(streams: list[OpenStream]) -> AsyncIterator[tuple[int, GenerateDelta]]:
-    """Interleave n sequences' deltas as they arrive; closing this closes (aborts) every unfinished one."""
-    if len(streams) == 1:
-        try:
-            async for d in streams[0]:
-                yield 0, d
-        finally:
-            await streams[0].aclose()
-        return
-    q: asyncio.Queue[tuple[int, GenerateDelta | BaseException | None]] = asyncio.Queue()
+class FanOut:
+    """The ``n`` sequences of one request, each read as soon as it is opened.
 
-    async def pump(i: int, s: OpenStream) -> None:
+    Copies are admitted one by one; a copy's deltas are pumped into one queue from the moment it is
+    open, so a copy that finishes releases its admission ticket while later copies still queue. If
+    copies were read only once all were admitted, two ``n > 1`` requests each holding part of the
+    budget would wait on each other until both got 429. ``deltas()`` interleaves them as they come;
+    closing it (or ``aclose``) aborts every unfinished copy. One copy is read directly, no task.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.streams: list[OpenStream] = []
+        self._q: asyncio.Queue[tuple[int, GenerateDelta | BaseException | None]] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def add(self, s: OpenStream) -> None:
+        self.streams.append(s)
+        if self.n > 1:
+            self._tasks.append(asyncio.create_task(self._pump(len(self.streams) - 1, s)))
+
+    async def _pump(self, i: int, s: OpenStream) -> None:
         try:
             async for d in s:
-                await q.put((i, d))
+                await self._q.put((i, d))
         except BaseException as exc:  # noqa: BLE001 - re-raised by the consumer
-            await q.put((i, exc))
+            await self._q.put((i, exc))
         finally:
-            await q.put((i, None))
+            await self._q.put((i, None))
 
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    live = len(streams)
-    try:
-        while live:
-            i, item = await q.get()
-            if item is None:
-                live -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for t in tasks:
+    async def deltas(self) -> AsyncIterator[tuple[int, GenerateDelta]]:
+        try:
+            if self.n == 1:
+                async for d in self.streams[0]:
+                    yield 0, d
+                return
+            live = len(self.streams)
+            while live:
+                i, item = await self._q.get()
+                if item is None:
+                    live -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        for t in self._tasks:
             t.cancel()
-        for s in streams:
+        for s in self.streams:
             await s.aclose()
 
 
@@ -155,9 +172,10 @@ def create_app(core: RouterCore) -> FastAPI:
             lp = body.logprobs
         params = core.sampling_params(**kw, logprobs=lp)
         ids, truncated = core.fit_context(ids, params, body.truncate_prompt_tokens)
+        core.admission.check_fan_out(body.n, len(ids), params.max_tokens)
         sub = Submission(tuple(ids), params, truncated, kind)
         trace = tr(request)
-        streams: list[OpenStream] = []
+        fan = FanOut(body.n)
         try:
             for j in range(body.n):
                 child = sub
@@ -166,12 +184,11 @@ def create_app(core: RouterCore) -> FastAPI:
 
                     child = replace(sub, params=replace(
                         params, seed=None if params.seed is None else params.seed + j))
-                streams.append(await core.open_stream(
+                fan.add(await core.open_stream(
                     tenant, child, arrival=arrival, trace=trace,
                     client_request_id=body.request_id if body.n == 1 else None))
         except BaseException:
-            for s in streams:
-                await s.aclose()
+            await fan.aclose()
             raise
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
@@ -179,9 +196,9 @@ def create_app(core: RouterCore) -> FastAPI:
         fmt = _Formatter(kind, rid, created, body.model, tok, truncated, body.return_token_ids)
         if body.stream:
             return StreamingResponse(
-                fmt.sse(merge(streams), body.n, include_usage), media_type="text/event-stream",
+                fmt.sse(fan.deltas(), body.n, include_usage), media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
-        return JSONResponse(await fmt.whole(merge(streams), body.n))
+        return JSONResponse(await fmt.whole(fan.deltas(), body.n))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
