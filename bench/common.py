@@ -12,25 +12,31 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-LLAMA_3_2_1B = dict(
-    architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=2048, intermediate_size=8192,
-    num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
-    max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True,
-    rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                      original_max_position_embeddings=8192),
-    bos_token_id=128000, eos_token_id=128001, torch_dtype="bfloat16", hidden_act="silu",
+# Llama-3-8B differs from Llama-3.2-1B (the engine's own `llama_3_2_1b_config`) only in these fields.
+LLAMA_3_8B_OVERRIDES = dict(
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, head_dim=128,
+    tie_word_embeddings=False, max_position_embeddings=8192,
+    rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
 )
-LLAMA_3_8B = dict(
-    LLAMA_3_2_1B, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, head_dim=128,
-    tie_word_embeddings=False, rope_scaling=None, max_position_embeddings=8192,
-)
-SHAPES = {"llama-3.2-1b": LLAMA_3_2_1B, "llama-3-8b": LLAMA_3_8B}
+SHAPES = ("llama-3.2-1b", "llama-3-8b")
+
+
+def shape_config(shape: str) -> Any:
+    """The HF config of a named shape, built in code (no download)."""
+    from baton.workers.model_loader import llama_3_2_1b_config
+
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    cfg = llama_3_2_1b_config()
+    if shape == "llama-3-8b":
+        cfg.update(LLAMA_3_8B_OVERRIDES)
+    return cfg
 
 
 def write_config_dir(path: Path, shape: str) -> Path:
     """A model directory holding only config.json: load it with load_format='dummy'."""
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(SHAPES[shape], indent=1))
+    shape_config(shape).save_pretrained(path)
     return path
 
 

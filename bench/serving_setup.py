@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from baton.bench.common import SHAPES, write_config_dir
+from baton.bench.common import shape_config, write_config_dir
 from baton.bench.workloads import LengthScale
 
 KEYS = {"product-a": "sk-bench-a", "product-b": "sk-bench-b", "admin": "sk-bench-admin"}
@@ -136,7 +136,7 @@ def model_dir(plan: Plan, root: Path, shape: str) -> tuple[Path, str, int]:
         path = build_model_dir(root / "tiny", "llama", max_position_embeddings=plan.max_model_len)
         return path, "auto", int(json.loads((path / "config.json").read_text())["vocab_size"])
     path = write_config_dir(root / shape, shape)
-    vocab = int(SHAPES[shape]["vocab_size"])
+    vocab = int(shape_config(shape).vocab_size)
     synthetic_tokenizer(vocab).save_pretrained(path)
     return path, "dummy", vocab
 
