@@ -198,7 +198,10 @@ def phase_b(
     if not budget.fits(need):
         return {"skipped": f"time budget ({budget.left():.0f}s left)"}
     prompt = plan.scale.p(128)
-    tokens = min(plan.max_model_len - prompt - 1, math.ceil(1.5 * plan.b_duration_s / itl_est))
+    # The warm-up's ITL estimate can be several times the steady one (first CUDA-graph captures): the H100
+    # run's disaggregated streams finished before the long prompts began at 1.5x. Ask for 4x; the run's hard
+    # stop cancels what is left (counted as cancelled by the client, not as aborts).
+    tokens = min(plan.max_model_len - prompt - 1, math.ceil(4.0 * plan.b_duration_s / itl_est))
     wl = long_prefill_interference(
         plan.b_duration_s,
         vocab_size=vocab,
