@@ -14,8 +14,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 # Llama-3-8B differs from Llama-3.2-1B (the engine's own `llama_3_2_1b_config`) only in these fields.
 LLAMA_3_8B_OVERRIDES = dict(
-    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, head_dim=128,
-    tie_word_embeddings=False, max_position_embeddings=8192,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    head_dim=128,
+    tie_word_embeddings=False,
+    max_position_embeddings=8192,
     rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
 )
 SHAPES = ("llama-3.2-1b", "llama-3-8b")

@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernel_timing import copies_for, environment, plot, time_calls, write_results  # noqa: E402
-
 from baton.kernels.decode_attention import decode_attention  # noqa: E402
+from kernel_timing import copies_for, environment, plot, time_calls, write_results  # noqa: E402
 
 HQ, HKV, DIM = 32, 8, 128
 FP8 = torch.float8_e4m3fn
@@ -105,7 +104,7 @@ def _copy_bw() -> float:
     for nbytes in (256 << 20, 1 << 30, 2 << 30):
         src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
         dst = torch.empty_like(src)
-        sec, _ = time_calls([lambda: dst.copy_(src)], reps=10)
+        sec, _ = time_calls([lambda dst=dst, src=src: dst.copy_(src)], reps=10)
         best = max(best, 2 * nbytes / sec)
         del src, dst
     return best
@@ -149,7 +148,7 @@ def run_main(args, env) -> None:
                 torch.cuda.empty_cache()
             src = torch.empty(kvb * copies, dtype=torch.uint8, device="cuda")
             dst = torch.empty_like(src)
-            fns = [lambda i=i: dst[i * kvb : (i + 1) * kvb].copy_(src[i * kvb : (i + 1) * kvb])
+            fns = [lambda i=i, dst=dst, src=src: dst[i * kvb : (i + 1) * kvb].copy_(src[i * kvb : (i + 1) * kvb])
                    for i in range(copies)]  # fmt: skip
             csec, how = time_calls(fns)
             rows.append(_row("copy", batch, ctx, csec, kvb, copy_bw, how,
@@ -204,7 +203,9 @@ def run_sweep(args, env) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64, 256])
+    p.add_argument(
+        "--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64, 256]
+    )
     p.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")],
                    default=[512, 4096, 16384, 32768])  # fmt: skip
     p.add_argument("--block-size", type=int, default=16)

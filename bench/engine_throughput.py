@@ -30,10 +30,20 @@ def workload(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
 def run_baton(model_dir: Path, prompts, max_tokens: int, backend: str) -> dict:
     from baton import LLM, SamplingParams
 
-    llm = LLM(str(model_dir), device="cuda", dtype="bfloat16", skip_tokenizer_init=True, attention_backend=backend, max_num_batched_tokens=8192,
-              max_num_seqs=256, gpu_memory_utilization=0.8)
+    llm = LLM(
+        str(model_dir),
+        device="cuda",
+        dtype="bfloat16",
+        skip_tokenizer_init=True,
+        attention_backend=backend,
+        max_num_batched_tokens=8192,
+        max_num_seqs=256,
+        gpu_memory_utilization=0.8,
+    )
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    llm.generate(prompts[:8], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
+    llm.generate(
+        prompts[:8], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    )  # warm-up
     torch.cuda.synchronize()
     t = time.perf_counter()
     outs = llm.generate(prompts, params)
@@ -43,9 +53,14 @@ def run_baton(model_dir: Path, prompts, max_tokens: int, backend: str) -> dict:
     stats = llm.engine.stats()
     del llm
     torch.cuda.empty_cache()
-    return dict(system=f"baton ({backend})", seconds=dt, output_tokens=n_out,
-                output_tokens_per_s=n_out / dt, preemptions=stats.scheduler.num_preemptions,
-                kv_blocks=stats.num_blocks)
+    return dict(
+        system=f"baton ({backend})",
+        seconds=dt,
+        output_tokens=n_out,
+        output_tokens_per_s=n_out / dt,
+        preemptions=stats.scheduler.num_preemptions,
+        kv_blocks=stats.num_blocks,
+    )
 
 
 def run_hf_generate_batch(model_dir: Path, prompts, max_tokens: int) -> dict:
@@ -54,15 +69,25 @@ def run_hf_generate_batch(model_dir: Path, prompts, max_tokens: int) -> dict:
     model, err = None, None
     for impl in ("paged|sdpa", "sdpa_paged"):  # the name changed across transformers 5.x releases
         try:
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16,
-                                                         attn_implementation=impl).cuda().eval()
+            model = (
+                AutoModelForCausalLM.from_pretrained(
+                    model_dir, dtype=torch.bfloat16, attn_implementation=impl
+                )
+                .cuda()
+                .eval()
+            )
             break
         except ValueError as exc:
             err = exc
     if model is None:
         raise err  # type: ignore[misc]
-    cfg = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=-1,
-                           pad_token_id=0, use_cuda_graph=False)
+    cfg = GenerationConfig(
+        max_new_tokens=max_tokens,
+        do_sample=False,
+        eos_token_id=-1,
+        pad_token_id=0,
+        use_cuda_graph=False,
+    )
     model.generate_batch(inputs=prompts[:8], generation_config=cfg, max_new_tokens=4)
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -70,8 +95,12 @@ def run_hf_generate_batch(model_dir: Path, prompts, max_tokens: int) -> dict:
     torch.cuda.synchronize()
     dt = time.perf_counter() - t
     n_out = sum(len(r.generated_tokens) for r in res.values())
-    return dict(system=f"transformers generate_batch ({model.config._attn_implementation})", seconds=dt, output_tokens=n_out,
-                output_tokens_per_s=n_out / dt)
+    return dict(
+        system=f"transformers generate_batch ({model.config._attn_implementation})",
+        seconds=dt,
+        output_tokens=n_out,
+        output_tokens_per_s=n_out / dt,
+    )
 
 
 def main() -> None:
@@ -98,13 +127,18 @@ def main() -> None:
         except Exception as exc:  # a baseline that cannot run is reported, not hidden
             rows.append(dict(system="transformers generate_batch", error=repr(exc)[:500]))
         print(rows[-1], flush=True)
-    base = next((r for r in rows if r["system"].startswith("transformers") and "seconds" in r), None)
+    base = next(
+        (r for r in rows if r["system"].startswith("transformers") and "seconds" in r), None
+    )
     if base:
         for r in rows:
             if "output_tokens_per_s" in r:
                 r["ratio_vs_transformers"] = r["output_tokens_per_s"] / base["output_tokens_per_s"]
-    write_result("engine_throughput", dict(shape=args.shape, requests=args.requests,
-                                           max_tokens=args.max_tokens, rows=rows), args.out)
+    write_result(
+        "engine_throughput",
+        dict(shape=args.shape, requests=args.requests, max_tokens=args.max_tokens, rows=rows),
+        args.out,
+    )
 
 
 if __name__ == "__main__":

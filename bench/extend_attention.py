@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernel_timing import environment, plot, time_calls, write_results  # noqa: E402
-
 from baton.kernels.extend_attention import extend_attention  # noqa: E402
+from kernel_timing import environment, plot, time_calls, write_results  # noqa: E402
 
 HQ, HKV, DIM = 32, 8, 128
 

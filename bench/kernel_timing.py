@@ -26,7 +26,9 @@ def copies_for(bytes_per_call: int, cap: int = 32) -> int:
     return max(1, min(cap, -(-L2_FLUSH_BYTES // max(bytes_per_call, 1))))
 
 
-def time_calls(fns: list[Callable[[], object]], reps: int = 20, min_calls: int = 8) -> tuple[float, str]:
+def time_calls(
+    fns: list[Callable[[], object]], reps: int = 20, min_calls: int = 8
+) -> tuple[float, str]:
     """Seconds per call of rotating through ``fns``; returns (seconds, method)."""
     calls = [fns[i % len(fns)] for i in range(max(min_calls, len(fns)))]
     for fn in calls[: len(fns)] * 2:  # warm-up: compile, autotune, allocator

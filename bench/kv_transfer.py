@@ -22,8 +22,14 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
-
-from baton.workers.kv_handle import KV_LAYOUT, KVHandle, default_algo, dtype_name, kv_checksum, verify
+from baton.workers.kv_handle import (
+    KV_LAYOUT,
+    KVHandle,
+    default_algo,
+    dtype_name,
+    kv_checksum,
+    verify,
+)
 
 # Llama-3-8B KV geometry: 32 layers, 8 KV heads, head_dim 128, bf16 -> 128 KiB per token.
 L, H, D, BS = 32, 8, 128, 16
@@ -36,9 +42,18 @@ def make_buffer(mib: int, device: str) -> torch.Tensor:
 
 
 def handle_for(rid: str, buf: torch.Tensor) -> KVHandle:
-    return KVHandle("src", rid, tuple(range(buf.shape[2])), tuple(buf.shape), dtype_name(buf.dtype),
-                    KV_LAYOUT, kv_checksum(buf), default_algo(buf), time.time() + 600,
-                    buf.shape[2] * BS)
+    return KVHandle(
+        "src",
+        rid,
+        tuple(range(buf.shape[2])),
+        tuple(buf.shape),
+        dtype_name(buf.dtype),
+        KV_LAYOUT,
+        kv_checksum(buf),
+        default_algo(buf),
+        time.time() + 600,
+        buf.shape[2] * BS,
+    )
 
 
 def sync(device: str) -> None:
@@ -148,8 +163,13 @@ def _nccl_rank(rank: int, port: int, sizes: list[int], iters: int, out) -> None:
     try:
         dev = rank % torch.cuda.device_count()
         torch.cuda.set_device(dev)
-        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=2, timeout=datetime.timedelta(seconds=60))
+        dist.init_process_group(
+            "nccl",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=2,
+            timeout=datetime.timedelta(seconds=60),
+        )
         rows = []
         for mib in sizes:
             buf = make_buffer(mib, f"cuda:{dev}")
@@ -213,8 +233,14 @@ def bench_handover(device: str, iters: int, model: str | None) -> dict:
         h, buf = pre.buffer_for(f"r{i}")
         kv = buf.clone()
         assert verify(h, kv)
-        s = dec.start(f"r{i}", prompt, sp, output_token_ids=[res.first_token_id], kv=kv,
-                      emit_prefix=[res.first_token_id])
+        s = dec.start(
+            f"r{i}",
+            prompt,
+            sp,
+            output_token_ids=[res.first_token_id],
+            kv=kv,
+            emit_prefix=[res.first_token_id],
+        )
         assert s.placed.result(60)
         to_placed.append(time.perf_counter() - t0)
         deltas = s.poll(60)
@@ -226,8 +252,11 @@ def bench_handover(device: str, iters: int, model: str | None) -> dict:
             deltas = s.poll(60)
     ploop.stop()
     dloop.stop()
-    return {"p50_placed_ms": statistics.median(to_placed) * 1e3,
-            "p50_first_decode_delta_ms": statistics.median(to_first) * 1e3, "iters": iters}
+    return {
+        "p50_placed_ms": statistics.median(to_placed) * 1e3,
+        "p50_first_decode_delta_ms": statistics.median(to_first) * 1e3,
+        "iters": iters,
+    }
 
 
 def main() -> None:
@@ -241,10 +270,19 @@ def main() -> None:
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
     names = args.transports or (["cuda_ipc", "nccl", "gloo", "grpc"] if cuda else ["gloo", "grpc"])
-    result: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu",
-                    "kv_geometry": {"layers": L, "kv_heads": H, "head_dim": D, "block_size": BS,
-                                    "dtype": "bfloat16"},
-                    "sizes_mib": args.sizes_mib, "iters": args.iters, "transports": {}}
+    result: dict = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "kv_geometry": {
+            "layers": L,
+            "kv_heads": H,
+            "head_dim": D,
+            "block_size": BS,
+            "dtype": "bfloat16",
+        },
+        "sizes_mib": args.sizes_mib,
+        "iters": args.iters,
+        "transports": {},
+    }
     result["limits"] = {"copy": bench_copy(args.device, args.sizes_mib, args.iters)}
     if cuda:
         result["limits"]["nccl_send_recv"] = bench_nccl_limit(args.sizes_mib, args.iters)

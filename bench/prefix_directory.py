@@ -64,7 +64,6 @@ def percentile(values: list[float], q: float) -> float:
 def bench_actor(args: argparse.Namespace, namespaces: list[str]) -> dict[str, object]:
     """The same queries through the detached actor: adds serialization + one Ray RPC per query."""
     import ray
-
     from baton.cluster.prefix_directory import get_or_create_directory
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")

@@ -27,9 +27,15 @@ from fastapi import Request
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-BODY = {"model": "tiny", "max_tokens": 4, "temperature": 0,
-        "messages": [{"role": "system", "content": "You are a helpful assistant."},
-                     {"role": "user", "content": "What is the capital of France?"}]}
+BODY = {
+    "model": "tiny",
+    "max_tokens": 4,
+    "temperature": 0,
+    "messages": [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ],
+}
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -39,24 +45,32 @@ def pct(xs: list[float], q: float) -> float:
 
 def summary(xs: list[float]) -> dict[str, float]:
     ms = [x * 1e3 for x in xs]
-    return {"p50_ms": round(pct(ms, 0.5), 3), "p99_ms": round(pct(ms, 0.99), 3),
-            "mean_ms": round(statistics.fmean(ms), 3), "n": len(ms)}
+    return {
+        "p50_ms": round(pct(ms, 0.5), 3),
+        "p99_ms": round(pct(ms, 0.99), 3),
+        "mean_ms": round(statistics.fmean(ms), 3),
+        "n": len(ms),
+    }
 
 
 def config(model_dir: Path) -> Any:
     from baton.cluster.serve_config import ServeConfig
 
-    return ServeConfig.model_validate({"model": {"path": str(model_dir), "name": "tiny"},
-                                       "engine": {"device": "cpu", "dtype": "float32"},
-                                       "pools": {"mode": "colocated"}, "server": {"grpc_port": 0}})
+    return ServeConfig.model_validate(
+        {
+            "model": {"path": str(model_dir), "name": "tiny"},
+            "engine": {"device": "cpu", "dtype": "float32"},
+            "pools": {"mode": "colocated"},
+            "server": {"grpc_port": 0},
+        }
+    )
 
 
 async def build(cfg: Any) -> Any:
-    from echo_client import EchoClient
-
     from baton.router.app import build_core
     from baton.router.core import ModelInfo
     from baton.router.openai_api import create_app
+    from echo_client import EchoClient
 
     core = await build_core(cfg, client=EchoClient(), model=ModelInfo.load(cfg))
     core.refresh_interval_s = 3600
@@ -84,12 +98,23 @@ async def asgi_call(app: Any, body: bytes) -> tuple[int, bytes]:
         elif msg["type"] == "http.response.body":
             out.append(msg.get("body", b""))
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-             "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
-             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
-             "server": ("127.0.0.1", 8000),
-             "headers": [(b"content-type", b"application/json"),
-                         (b"content-length", str(len(body)).encode())]}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 8000),
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+    }
     await app(scope, receive, send)
     return status, b"".join(out)
 
@@ -151,7 +176,11 @@ def bench_serve(model_dir: Path, n: int) -> dict[str, dict[str, float]]:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(EchoRouter.bind(cfg.model_dump(mode="json"), sys.path[:2]), name="router", route_prefix="/r")
+        serve.run(
+            EchoRouter.bind(cfg.model_dump(mode="json"), sys.path[:2]),
+            name="router",
+            route_prefix="/r",
+        )
         serve.run(Floor.bind(), name="floor", route_prefix="/f")
         out = {}
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
@@ -179,12 +208,16 @@ def main() -> int:
     from tiny_models import build_model_dir
 
     model_dir = build_model_dir(Path(tempfile.mkdtemp()) / "tiny", "llama")
-    result: dict[str, Any] = {"bench": "router_overhead", "requests": args.requests,
-                              "in_process": bench_in_process(model_dir, args.requests)}
+    result: dict[str, Any] = {
+        "bench": "router_overhead",
+        "requests": args.requests,
+        "in_process": bench_in_process(model_dir, args.requests),
+    }
     if not args.skip_serve:
         result.update(bench_serve(model_dir, max(100, args.requests // 2)))
         result["router_share_p50_ms"] = round(
-            result["serve_http"]["p50_ms"] - result["serve_floor"]["p50_ms"], 3)
+            result["serve_http"]["p50_ms"] - result["serve_floor"]["p50_ms"], 3
+        )
     from common import RESULTS
 
     try:
@@ -194,8 +227,11 @@ def main() -> int:
     except ImportError:
         import platform
 
-        result["environment"] = {"python": platform.python_version(),
-                                 "machine": platform.machine(), "cpus": __import__("os").cpu_count()}
+        result["environment"] = {
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpus": __import__("os").cpu_count(),
+        }
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "router_overhead.json"
     path.write_text(json.dumps(result, indent=1))

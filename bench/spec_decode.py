@@ -96,10 +96,17 @@ def decode_run(model: str, spec: dict | None, prompts, max_tokens: int, device: 
     n_tok = sum(len(v) for v in outs.values()) - len(outs)  # first tokens come from prefill
     s = eng.stats()
     return dict(
-        outputs=outs, decode_seconds=dt, decode_tokens=n_tok, tokens_per_s=n_tok / max(dt, 1e-9),
-        drafted=s.spec_draft_tokens, accepted=s.spec_accepted_tokens,
-        acceptance_rate=s.spec_accepted_tokens / s.spec_draft_tokens if s.spec_draft_tokens else 0.0,
-        verify_steps=s.spec_verify_steps, spec_active_at_end=s.spec_active,
+        outputs=outs,
+        decode_seconds=dt,
+        decode_tokens=n_tok,
+        tokens_per_s=n_tok / max(dt, 1e-9),
+        drafted=s.spec_draft_tokens,
+        accepted=s.spec_accepted_tokens,
+        acceptance_rate=s.spec_accepted_tokens / s.spec_draft_tokens
+        if s.spec_draft_tokens
+        else 0.0,
+        verify_steps=s.spec_verify_steps,
+        spec_active_at_end=s.spec_active,
     )
 
 
@@ -111,9 +118,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    from transformers import AutoTokenizer
-
     from baton.workers.default_model import default_model_path
+    from transformers import AutoTokenizer
 
     model = args.model or str(default_model_path())
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -137,8 +143,9 @@ def main() -> None:
             )  # fmt: skip
             rows.append(row)
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
-    write_result(f"spec_decode_{device}", dict(model=model, max_tokens=args.max_tokens, rows=rows),
-                 args.out)
+    write_result(
+        f"spec_decode_{device}", dict(model=model, max_tokens=args.max_tokens, rows=rows), args.out
+    )
 
 
 if __name__ == "__main__":

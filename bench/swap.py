@@ -60,15 +60,24 @@ def bandwidth(model_dir: Path, device: str, sizes: list[int], repeats: int) -> l
         in_s = (eng.swap.stats.seconds_in - s0[1]) / repeats
         assert torch.equal(eng.runner.gather_blocks(dev), before), "swap round trip changed KV"
         nbytes = n * eng.swap.block_bytes
-        rows.append(dict(blocks=n, bytes=nbytes, out_seconds=out_s, in_seconds=in_s,
-                         out_GBps=nbytes / out_s / 1e9, in_GBps=nbytes / in_s / 1e9,
-                         pinned=eng.swap.host.is_pinned()))
+        rows.append(
+            dict(
+                blocks=n,
+                bytes=nbytes,
+                out_seconds=out_s,
+                in_seconds=in_s,
+                out_GBps=nbytes / out_s / 1e9,
+                in_GBps=nbytes / in_s / 1e9,
+                pinned=eng.swap.host.is_pinned(),
+            )
+        )
         print(rows[-1])
     return rows
 
 
-def burst(model_dir: Path, device: str, mode: str, swap_bytes: int, num_blocks: int,
-          max_tokens: int) -> dict:
+def burst(
+    model_dir: Path, device: str, mode: str, swap_bytes: int, num_blocks: int, max_tokens: int
+) -> dict:
     from baton.workers.sampling_params import SamplingParams
 
     eng = make_engine(model_dir, device, num_blocks, swap_bytes, mode)
@@ -92,10 +101,17 @@ def burst(model_dir: Path, device: str, mode: str, swap_bytes: int, num_blocks: 
     dt = time.perf_counter() - t
     eng.check_integrity()
     s = eng.stats()
-    return dict(mode=mode, seconds=dt, preemptions=s.scheduler.num_preemptions,
-                swap_preemptions=s.num_swap_preemptions, swapped_out_blocks=s.swapped_out_blocks,
-                swap_out_seconds=s.swap_out_seconds, swap_in_seconds=s.swap_in_seconds,
-                prompt_tokens_computed=s.prompt_tokens_computed, outputs=outs)
+    return dict(
+        mode=mode,
+        seconds=dt,
+        preemptions=s.scheduler.num_preemptions,
+        swap_preemptions=s.num_swap_preemptions,
+        swapped_out_blocks=s.swapped_out_blocks,
+        swap_out_seconds=s.swap_out_seconds,
+        swap_in_seconds=s.swap_in_seconds,
+        prompt_tokens_computed=s.prompt_tokens_computed,
+        outputs=outs,
+    )
 
 
 def main() -> None:
@@ -110,15 +126,25 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model_dir = args.model_dir or write_config_dir(Path(tempfile.mkdtemp()) / args.shape, args.shape)
+    model_dir = args.model_dir or write_config_dir(
+        Path(tempfile.mkdtemp()) / args.shape, args.shape
+    )
     bw = bandwidth(model_dir, device, args.blocks, args.repeats)
     swap_bytes = int(args.swap_gib * 2**30)
     rec = burst(model_dir, device, "recompute", 0, args.burst_blocks, args.max_tokens)
     swp = burst(model_dir, device, "swap", swap_bytes, args.burst_blocks, args.max_tokens)
     identical = rec.pop("outputs") == swp.pop("outputs")
     print(rec, swp, "identical", identical, sep="\n")
-    write_result(f"swap_{device}", dict(shape=str(args.model_dir or args.shape), bandwidth=bw, burst=[rec, swp],
-                                        burst_outputs_identical=identical), args.out)
+    write_result(
+        f"swap_{device}",
+        dict(
+            shape=str(args.model_dir or args.shape),
+            bandwidth=bw,
+            burst=[rec, swp],
+            burst_outputs_identical=identical,
+        ),
+        args.out,
+    )
 
 
 if __name__ == "__main__":

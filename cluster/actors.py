@@ -27,14 +27,14 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from baton.workers.messages import GenerateDelta, GenerateRequest
-from baton.cluster.cache_publisher import CachePublisher
 from baton.cluster import tracing
+from baton.cluster.cache_publisher import CachePublisher
 from baton.cluster.pool_config import PoolConfig
 from baton.cluster.transfer import TransferError, make_transport
 from baton.cluster.worker_telemetry import DecodeTrace, failure_reason, record_prefill
 from baton.workers.engine import EngineCore
 from baton.workers.kv_handle import verify
+from baton.workers.messages import GenerateDelta, GenerateRequest
 from baton.workers.roles import (
     DecodeRole,
     DeltaStream,
@@ -106,8 +106,9 @@ def _node_ip() -> str:
 class _Worker:
     kind: ClassVar[str] = ""
 
-    def __init__(self, worker_id: str, config: PoolConfig, transport: str,
-                 config_tag: str = "") -> None:
+    def __init__(
+        self, worker_id: str, config: PoolConfig, transport: str, config_tag: str = ""
+    ) -> None:
         logging.basicConfig(level=logging.INFO)
         tracing.setup_tracing(f"baton-{self.kind}")
         self.worker_id = worker_id
@@ -119,12 +120,17 @@ class _Worker:
         )
         self.decode_role = DecodeRole(self.loop) if self.kind != "prefill" else None
         self.transport = make_transport(
-            transport, worker_id=worker_id, device=engine.device, host=_node_ip(),
+            transport,
+            worker_id=worker_id,
+            device=engine.device,
+            host=_node_ip(),
             timeout_s=config.transfer_timeout_s,
         )
         self.endpoint = ""
         if self.prefill_role is not None:
-            self.endpoint = self.transport.serve(self.prefill_role.buffer_for, self.prefill_role.note_sent)
+            self.endpoint = self.transport.serve(
+                self.prefill_role.buffer_for, self.prefill_role.note_sent
+            )
         self._streams: dict[str, DeltaStream] = {}
         self._events: dict[str, asyncio.Event] = {}
         self._traces: dict[str, DecodeTrace] = {}
@@ -134,11 +140,22 @@ class _Worker:
         self._reaper: asyncio.Task[None] | None = None
         self.orphans_reaped = 0
         self._ids = itertools.count(1)
-        self._info = WorkerInfo(worker_id, self.kind, _node_id(), self.endpoint, transport,
-                                str(engine.device), engine.pool.block_size, os.getpid(),
-                                config_tag)
-        self.publisher = (CachePublisher(worker_id, self.loop, config.prefix_directory)
-                          if config.prefix_directory is not None else None)
+        self._info = WorkerInfo(
+            worker_id,
+            self.kind,
+            _node_id(),
+            self.endpoint,
+            transport,
+            str(engine.device),
+            engine.pool.block_size,
+            os.getpid(),
+            config_tag,
+        )
+        self.publisher = (
+            CachePublisher(worker_id, self.loop, config.prefix_directory)
+            if config.prefix_directory is not None
+            else None
+        )
 
     async def info(self) -> WorkerInfo:
         if self.publisher is not None:  # first async call: the actor's event loop is running
@@ -153,7 +170,9 @@ class _Worker:
 
     async def prefill(self, req: GenerateRequest) -> PrefillOffer:
         role = self._need_prefill()
-        fut = role.prefill(req.request_id, req.prompt_token_ids, req.params, namespace=req.namespace)
+        fut = role.prefill(
+            req.request_id, req.prompt_token_ids, req.params, namespace=req.namespace
+        )
         res: PrefillResult = await asyncio.wrap_future(fut)
         record_prefill(req, res, self.worker_id)
         payload = b""
@@ -211,16 +230,26 @@ class _Worker:
                 err = f"{type(exc).__name__}: {exc}"
                 role.transfer_failures += 1
                 role.transfers.fail(failure_reason(exc))
-                log.warning("%s: KV pull of %s failed, recomputing: %s",
-                            self.worker_id, req.request_id, err)
+                log.warning(
+                    "%s: KV pull of %s failed, recomputing: %s", self.worker_id, req.request_id, err
+                )
             if source is not None:
-                source.actor.ack.remote(req.request_id)  # fire and forget: a dead source frees nothing
+                source.actor.ack.remote(
+                    req.request_id
+                )  # fire and forget: a dead source frees nothing
             if trace is not None:
-                trace.transfer(t0, int(getattr(kv, "nbytes", 0)), len(res.handle.block_ids), err,
-                               kv is None)
+                trace.transfer(
+                    t0, int(getattr(kv, "nbytes", 0)), len(res.handle.block_ids), err, kv is None
+                )
         stream = role.start(
-            req.request_id, req.prompt_token_ids, req.params, namespace=req.namespace,
-            output_token_ids=tokens, kv=kv, emit_prefix=emit, emit_prefix_logprobs=lps,
+            req.request_id,
+            req.prompt_token_ids,
+            req.params,
+            namespace=req.namespace,
+            output_token_ids=tokens,
+            kv=kv,
+            emit_prefix=emit,
+            emit_prefix_logprobs=lps,
             num_cached_tokens=offer.result.num_cached_tokens if offer else 0,
             conditional=conditional,
         )
@@ -254,9 +283,16 @@ class _Worker:
                 raise TransferError("a pair-group transfer needs its source")
             kv = await self._pair_transfer(handle, source)
         else:
-            kv = await asyncio.wait_for(asyncio.to_thread(
-                self.transport.receive, handle, endpoint=source.endpoint if source else "",
-                payload=offer.payload, peer_id=handle.worker_id), timeout + 1.0)
+            kv = await asyncio.wait_for(
+                asyncio.to_thread(
+                    self.transport.receive,
+                    handle,
+                    endpoint=source.endpoint if source else "",
+                    payload=offer.payload,
+                    peer_id=handle.worker_id,
+                ),
+                timeout + 1.0,
+            )
         if not await asyncio.to_thread(verify, handle, kv):
             raise TransferError(f"checksum mismatch on {handle.request_id!r}")
         return kv
@@ -268,18 +304,27 @@ class _Worker:
             try:
                 if not self.transport.has_pair(source.worker_id):
                     gen = next(self._ids)
-                    await asyncio.wait_for(asyncio.gather(
-                        source.actor.open_pair.remote(self.worker_id, gen),
-                        asyncio.to_thread(self.transport.open_pair, source.worker_id,
-                                          source.endpoint, 1, gen),
-                    ), timeout)
+                    await asyncio.wait_for(
+                        asyncio.gather(
+                            source.actor.open_pair.remote(self.worker_id, gen),
+                            asyncio.to_thread(
+                                self.transport.open_pair, source.worker_id, source.endpoint, 1, gen
+                            ),
+                        ),
+                        timeout,
+                    )
                 tid = next(self._ids)
                 send = asyncio.ensure_future(
-                    source.actor.send_kv.remote(handle.request_id, self.worker_id, tid))
-                recv = asyncio.ensure_future(asyncio.to_thread(
-                    self.transport.receive, handle, peer_id=source.worker_id, transfer_id=tid))
-                done, _ = await asyncio.wait({send, recv}, timeout=timeout,
-                                             return_when=asyncio.FIRST_EXCEPTION)
+                    source.actor.send_kv.remote(handle.request_id, self.worker_id, tid)
+                )
+                recv = asyncio.ensure_future(
+                    asyncio.to_thread(
+                        self.transport.receive, handle, peer_id=source.worker_id, transfer_id=tid
+                    )
+                )
+                done, _ = await asyncio.wait(
+                    {send, recv}, timeout=timeout, return_when=asyncio.FIRST_EXCEPTION
+                )
                 if send in done and send.exception() is not None:
                     raise TransferError(f"source failed to send: {send.exception()}")
                 if recv not in done:
@@ -297,9 +342,18 @@ class _Worker:
         if stream is None:
             idle = self._reaped.pop(request_id, None)
             if idle is not None:
-                return [GenerateDelta(request_id, (), "", finish_reason="abort", error=(
-                    f"{self.worker_id} dropped the stream: not polled for {idle:.0f} s "
-                    f"(orphan_timeout_s={self.config.orphan_timeout_s:g})"))]
+                return [
+                    GenerateDelta(
+                        request_id,
+                        (),
+                        "",
+                        finish_reason="abort",
+                        error=(
+                            f"{self.worker_id} dropped the stream: not polled for {idle:.0f} s "
+                            f"(orphan_timeout_s={self.config.orphan_timeout_s:g})"
+                        ),
+                    )
+                ]
             raise KeyError(f"{self.worker_id} has no stream {request_id!r}")
         self._polled[request_id] = time.monotonic()
         items = stream.poll(0)
@@ -368,26 +422,35 @@ class _Worker:
             while len(self._reaped) > _MAX_TOMBSTONES:
                 self._reaped.popitem(last=False)
             self.orphans_reaped += 1
-            log.info("%s: dropped orphaned stream %s (not polled for %.1f s)",
-                     self.worker_id, rid, idle)
+            log.info(
+                "%s: dropped orphaned stream %s (not polled for %.1f s)", self.worker_id, rid, idle
+            )
         return len(stale)
 
     # -- introspection and tests ------------------------------------------------------------------
     async def stats(self) -> WorkerStats:
-        return await asyncio.to_thread(role_stats, self.loop, self.kind, self.prefill_role,
-                                       self.decode_role)
+        return await asyncio.to_thread(
+            role_stats, self.loop, self.kind, self.prefill_role, self.decode_role
+        )
 
     async def reset_prefix_cache(self, namespace: str | None = None) -> int:
         """Forget cached blocks (one tenant namespace, or all); the directory hears a ``cleared``
         event on the next publish. Returns how many blocks were dropped."""
-        return int(await asyncio.wrap_future(
-            self.loop.call(lambda eng: eng.reset_prefix_cache(namespace))))
+        return int(
+            await asyncio.wrap_future(self.loop.call(lambda eng: eng.reset_prefix_cache(namespace)))
+        )
 
     async def check_integrity(self) -> None:
         await asyncio.wrap_future(self.loop.call(lambda eng: eng.check_integrity()))
 
-    async def set_faults(self, corrupt_next: int = 0, delay_s: float = 0.0, fail_next: int = 0,
-                         drop_stream_next: int = 0, drop_stream_mode: str = "abort") -> None:
+    async def set_faults(
+        self,
+        corrupt_next: int = 0,
+        delay_s: float = 0.0,
+        fail_next: int = 0,
+        drop_stream_next: int = 0,
+        drop_stream_mode: str = "abort",
+    ) -> None:
         f = self.transport.faults
         f.corrupt_next, f.delay_s, f.fail_next = corrupt_next, delay_s, fail_next
         f.drop_stream_next, f.drop_stream_mode = drop_stream_next, drop_stream_mode

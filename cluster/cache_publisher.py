@@ -42,8 +42,12 @@ class PublisherConfig:
     retry_interval_s: float = 2.0  # between look-ups of a missing directory
 
     def __post_init__(self) -> None:
-        for name in ("heartbeat_interval_s", "publish_interval_s", "call_timeout_s",
-                     "retry_interval_s"):
+        for name in (
+            "heartbeat_interval_s",
+            "publish_interval_s",
+            "call_timeout_s",
+            "retry_interval_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"invalid PublisherConfig.{name}={getattr(self, name)!r}: > 0")
         for name in ("max_pending_events", "max_batch"):
@@ -53,16 +57,20 @@ class PublisherConfig:
 
 def model_identity(identity: CacheIdentity) -> ModelIdentity:
     """The engine's identity minus the tenant: exactly what its block-hash roots are built from."""
-    return ModelIdentity(identity.tokenizer_hash, identity.model_fingerprint, identity.kv_dtype,
-                         identity.cache_salt)
+    return ModelIdentity(
+        identity.tokenizer_hash, identity.model_fingerprint, identity.kv_dtype, identity.cache_salt
+    )
 
 
 def snapshot(engine: EngineCore) -> list[CacheEvent]:
     """Every block the engine holds under a hash, as ``stored`` events (run on the loop thread;
     pending events are drained with it, the snapshot supersedes them)."""
     engine.drain_cache_events()
-    return [CacheEvent("stored", b.block_hash, b.namespace)
-            for b in engine.pool.blocks if b.block_hash is not None]
+    return [
+        CacheEvent("stored", b.block_hash, b.namespace)
+        for b in engine.pool.blocks
+        if b.block_hash is not None
+    ]
 
 
 def _lookup(config: DirectoryConfig) -> Any:
@@ -150,8 +158,13 @@ class CachePublisher:
     def _failed(self, what: str, exc: BaseException) -> None:
         self.failures += 1
         if self._registered:
-            log.warning("%s: prefix directory %s failed (%s: %s); retrying", self.worker_id, what,
-                        type(exc).__name__, exc)
+            log.warning(
+                "%s: prefix directory %s failed (%s: %s); retrying",
+                self.worker_id,
+                what,
+                type(exc).__name__,
+                exc,
+            )
         self._registered = False
         self._actor = None  # look it up again (it may have been re-created under the same name)
         self._next_heartbeat = 0.0
@@ -167,7 +180,8 @@ class CachePublisher:
             ident = model_identity(self.loop.engine.identity)
             try:
                 republish = await asyncio.wait_for(
-                    actor.heartbeat.remote(self.worker_id, ident), timeout)
+                    actor.heartbeat.remote(self.worker_id, ident), timeout
+                )
             except Exception as exc:  # noqa: BLE001
                 self._failed("heartbeat", exc)
                 return 0
@@ -182,8 +196,9 @@ class CachePublisher:
             n = min(len(self._pending), self.config.max_batch)
             batch = [self._pending[i] for i in range(n)]
             try:
-                sent += int(await asyncio.wait_for(
-                    actor.publish.remote(self.worker_id, batch), timeout))
+                sent += int(
+                    await asyncio.wait_for(actor.publish.remote(self.worker_id, batch), timeout)
+                )
             except Exception as exc:  # noqa: BLE001 - keep the batch, try again next round
                 self._failed("publish", exc)
                 break

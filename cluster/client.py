@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from baton.cluster.actors import PrefillOffer, SourceRef, WorkerInfo
-from baton.workers.messages import GenerateDelta, GenerateRequest
 from baton.cluster.pool_config import PoolConfig
+from baton.workers.messages import GenerateDelta, GenerateRequest
 from baton.workers.roles import WorkerStats
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,14 @@ def _dead(exc: BaseException) -> bool:
 
 
 def _error_delta(req: GenerateRequest, message: str) -> GenerateDelta:
-    return GenerateDelta(req.request_id, (), "", finish_reason="error", error=message,
-                         num_prompt_tokens=len(req.prompt_token_ids))
+    return GenerateDelta(
+        req.request_id,
+        (),
+        "",
+        finish_reason="error",
+        error=message,
+        num_prompt_tokens=len(req.prompt_token_ids),
+    )
 
 
 class ClusterClient:
@@ -74,8 +80,11 @@ class ClusterClient:
         import ray
 
         ns = self.config.ray_namespace
-        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                 if a.get("namespace") == ns and a["name"].split("-")[0] in WORKER_KINDS]
+        names = [
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a.get("namespace") == ns and a["name"].split("-")[0] in WORKER_KINDS
+        ]
         found: dict[str, tuple[WorkerInfo, Any]] = {}
         for name in names:
             try:
@@ -91,7 +100,9 @@ class ClusterClient:
         return {w: info for w, (info, _) in self._workers.items()}
 
     def _pick(self, kinds: tuple[str, ...], prefer: str | None, exclude: set[str]) -> str | None:
-        ids = [w for w, (info, _) in self._workers.items() if info.kind in kinds and w not in exclude]
+        ids = [
+            w for w, (info, _) in self._workers.items() if info.kind in kinds and w not in exclude
+        ]
         if prefer in ids:
             return prefer
         return min(ids, key=lambda w: (self._inflight.get(w, 0), w), default=None)
@@ -116,8 +127,12 @@ class ClusterClient:
             if _dead(exc):
                 self._drop(pid)
             self.num_prefill_fallbacks += 1
-            log.warning("prefill of %s on %s failed (%s): decode recomputes",
-                        req.request_id, pid, type(exc).__name__)
+            log.warning(
+                "prefill of %s on %s failed (%s): decode recomputes",
+                req.request_id,
+                pid,
+                type(exc).__name__,
+            )
             return None
         finally:
             if pid in self._inflight:
@@ -164,13 +179,15 @@ class ClusterClient:
                 self._inflight[did] = self._inflight.get(did, 0) + 1
                 actor = self._workers[did][1]
                 try:
-                    await asyncio.wait_for(actor.start.remote(req, **start),
-                                           self.config.prefill_timeout_s)
+                    await asyncio.wait_for(
+                        actor.start.remote(req, **start), self.config.prefill_timeout_s
+                    )
                     last = time.monotonic()
                     while True:
                         deltas = await asyncio.wait_for(
                             actor.poll.remote(rid, self.config.poll_wait_s),
-                            self.config.poll_wait_s + self.config.transfer_timeout_s)
+                            self.config.poll_wait_s + self.config.transfer_timeout_s,
+                        )
                         if not deltas:
                             if time.monotonic() - last > self.config.stream_idle_timeout_s:
                                 await self._abort_on(did, rid)
@@ -198,8 +215,9 @@ class ClusterClient:
                 except Exception as exc:  # noqa: BLE001 - decide: resume elsewhere or one error
                     if not (_dead(exc) or isinstance(exc, (asyncio.TimeoutError, KeyError))):
                         raise
-                    log.warning("decode worker %s lost %s (%s): resuming", did, rid,
-                                type(exc).__name__)
+                    log.warning(
+                        "decode worker %s lost %s (%s): resuming", did, rid, type(exc).__name__
+                    )
                     dead.add(did)
                     if _dead(exc):
                         self._drop(did)
@@ -216,8 +234,11 @@ class ClusterClient:
                 self.num_resumes += 1
                 tokens = tuple(streamed) + first_unsent
                 skip_chars = emitted_chars
-                start = {"resume_tokens": tokens, "unsent_from": len(streamed)} if tokens else {
-                    "conditional": False}
+                start = (
+                    {"resume_tokens": tokens, "unsent_from": len(streamed)}
+                    if tokens
+                    else {"conditional": False}
+                )
         finally:
             self._where.pop(rid, None)
             if not finished and did is not None and did not in dead:
@@ -253,6 +274,7 @@ class ClusterClient:
 
     async def stats(self, timeout_s: float = 10.0) -> dict[str, WorkerStats | None]:
         """Per worker: KV usage, running/waiting, free/total blocks, transfer counters (None if unreachable)."""
+
         async def one(actor: Any) -> WorkerStats | None:
             try:
                 return await asyncio.wait_for(actor.stats.remote(), timeout_s)
@@ -263,14 +285,17 @@ class ClusterClient:
         got = await asyncio.gather(*(one(self._workers[w][1]) for w in ids))
         return dict(zip(ids, got))
 
-    async def reset_prefix_cache(self, namespace: str | None = None,
-                                 timeout_s: float = 30.0) -> dict[str, int | None]:
+    async def reset_prefix_cache(
+        self, namespace: str | None = None, timeout_s: float = 30.0
+    ) -> dict[str, int | None]:
         """Drop cached blocks on every worker (one namespace, or all): blocks dropped per worker,
         None where the worker could not be reached."""
+
         async def one(actor: Any) -> int | None:
             try:
-                return int(await asyncio.wait_for(actor.reset_prefix_cache.remote(namespace),
-                                                  timeout_s))
+                return int(
+                    await asyncio.wait_for(actor.reset_prefix_cache.remote(namespace), timeout_s)
+                )
             except Exception:  # noqa: BLE001 - reported per worker
                 return None
 

@@ -53,7 +53,6 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
 
 def _directory(args: argparse.Namespace) -> Any:
     import ray
-
     from baton.cluster.prefix_directory import DirectoryConfig, get_directory
 
     defaults = DirectoryConfig()

@@ -6,8 +6,12 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate text for one prompt with the offline engine (no Ray)")
-    p.add_argument("--model", default=None, help="HF model directory (default: bundled SmolLM2-135M)")
+    p = sub.add_parser(
+        "generate", help="generate text for one prompt with the offline engine (no Ray)"
+    )
+    p.add_argument(
+        "--model", default=None, help="HF model directory (default: bundled SmolLM2-135M)"
+    )
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)

@@ -15,7 +15,9 @@ from typing import Any
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve the OpenAI HTTP and gRPC APIs on Ray Serve")
-    p.add_argument("--model", default=None, help="HF model directory (default: bundled SmolLM2-135M)")
+    p.add_argument(
+        "--model", default=None, help="HF model directory (default: bundled SmolLM2-135M)"
+    )
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
@@ -23,11 +25,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-keys", default=None, help="tenants YAML (none: single-tenant dev mode)")
     p.add_argument("--prefill-workers", type=int, default=None)
     p.add_argument("--decode-workers", type=int, default=None)
-    p.add_argument("--transport", default=None,
-                   choices=["auto", "cuda_ipc", "nccl", "gloo", "grpc"])
+    p.add_argument(
+        "--transport", default=None, choices=["auto", "cuda_ipc", "nccl", "gloo", "grpc"]
+    )
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--mode", default=None, choices=["auto", "colocated", "disaggregated"],
-                   help="colocated: one engine inside the router (dev); default auto")
+    p.add_argument(
+        "--mode",
+        default=None,
+        choices=["auto", "colocated", "disaggregated"],
+        help="colocated: one engine inside the router (dev); default auto",
+    )
     p.add_argument("--device", default=None, help="auto | cpu | cuda")
     p.add_argument("--config", default=None, help="ServeConfig YAML file")
     p.add_argument("--address", default=None, help="existing Ray cluster (default: embedded local)")
@@ -67,18 +74,16 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     import ray
-    from ray import serve
-
-    from baton.router.app import build_app, resolve_mode
     from baton.cluster.serve_config import ServeConfig
+    from baton.router.app import build_app, resolve_mode
+    from ray import serve
 
     try:
         cfg = config_from_args(args)
     except Exception as exc:  # pydantic ValidationError names the field
         raise ValueError(str(exc)) from None
     conf = ServeConfig.model_validate(cfg)
-    ray.init(address=args.address, namespace="baton", ignore_reinit_error=True,
-             log_to_driver=True)
+    ray.init(address=args.address, namespace="baton", ignore_reinit_error=True, log_to_driver=True)
     pools = None
     if resolve_mode(conf) == "disaggregated":
         from baton.cluster.pools import start_pools
@@ -90,8 +95,11 @@ def run(args: argparse.Namespace) -> int:
     serve.start(http_options={"host": conf.server.host, "port": conf.server.port})
     serve.run(build_app(cfg), name="baton", route_prefix="/")
     s = conf.server
-    print(f"baton: serving {conf.model.served_name()} — HTTP http://{s.host}:{s.port}/v1 "
-          f"(OpenAI), gRPC {s.host}:{s.grpc_port or 'off'}; Ctrl-C stops", flush=True)
+    print(
+        f"baton: serving {conf.model.served_name()} — HTTP http://{s.host}:{s.port}/v1 "
+        f"(OpenAI), gRPC {s.host}:{s.grpc_port or 'off'}; Ctrl-C stops",
+        flush=True,
+    )
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -47,11 +47,15 @@ class PoolConfig:
     num_gpus_per_worker: float = 0.0  # 0.5: one GPU holds one prefill and one decode worker
     num_cpus_per_worker: float = 1.0
     transport: str = "auto"  # auto (by locality) | gloo | nccl | cuda_ipc | grpc
-    disagg_threshold_tokens: int = 256  # uncached prompt tokens below this: prefill on the decode worker
+    disagg_threshold_tokens: int = (
+        256  # uncached prompt tokens below this: prefill on the decode worker
+    )
     lease_s: float = 30.0  # prefill side holds exported KV this long without an ack
     transfer_timeout_s: float = 10.0
     prefill_timeout_s: float = 120.0
-    stream_idle_timeout_s: float = 120.0  # no delta for this long from a live decode worker: terminal error
+    stream_idle_timeout_s: float = (
+        120.0  # no delta for this long from a live decode worker: terminal error
+    )
     poll_wait_s: float = 0.5  # one stream poll waits at most this long on the decode worker
     # A started stream not polled for this long has lost its caller (a dead router replica): the
     # decode worker aborts it (blocks freed) and forgets it. A live caller polls at least every
@@ -68,28 +72,66 @@ class PoolConfig:
         for name in ("num_prefill", "num_decode", "num_colocated"):
             v = getattr(self, name)
             _require(isinstance(v, int) and v >= 0, name, v, "must be an integer >= 0")
-        _require(self.num_decode + self.num_colocated >= 1, "num_decode", self.num_decode,
-                 "at least one decode or colocated worker is needed")
-        _require(0 <= self.num_gpus_per_worker <= 8, "num_gpus_per_worker", self.num_gpus_per_worker,
-                 "must be in [0, 8]")
-        _require(self.num_cpus_per_worker >= 0, "num_cpus_per_worker", self.num_cpus_per_worker,
-                 "must be >= 0")
-        _require(self.transport in TRANSPORT_CHOICES, "transport", self.transport,
-                 f"must be one of {', '.join(TRANSPORT_CHOICES)}")
-        _require(self.disagg_threshold_tokens >= 0, "disagg_threshold_tokens",
-                 self.disagg_threshold_tokens, "must be >= 0")
-        for name in ("lease_s", "transfer_timeout_s", "prefill_timeout_s", "stream_idle_timeout_s",
-                     "poll_wait_s", "orphan_timeout_s"):
+        _require(
+            self.num_decode + self.num_colocated >= 1,
+            "num_decode",
+            self.num_decode,
+            "at least one decode or colocated worker is needed",
+        )
+        _require(
+            0 <= self.num_gpus_per_worker <= 8,
+            "num_gpus_per_worker",
+            self.num_gpus_per_worker,
+            "must be in [0, 8]",
+        )
+        _require(
+            self.num_cpus_per_worker >= 0,
+            "num_cpus_per_worker",
+            self.num_cpus_per_worker,
+            "must be >= 0",
+        )
+        _require(
+            self.transport in TRANSPORT_CHOICES,
+            "transport",
+            self.transport,
+            f"must be one of {', '.join(TRANSPORT_CHOICES)}",
+        )
+        _require(
+            self.disagg_threshold_tokens >= 0,
+            "disagg_threshold_tokens",
+            self.disagg_threshold_tokens,
+            "must be >= 0",
+        )
+        for name in (
+            "lease_s",
+            "transfer_timeout_s",
+            "prefill_timeout_s",
+            "stream_idle_timeout_s",
+            "poll_wait_s",
+            "orphan_timeout_s",
+        ):
             v = getattr(self, name)
             _require(v > 0, name, v, "must be > 0 seconds")
         for kind in self.worker_resources:
-            _require(kind in ("prefill", "decode", "colocated"), "worker_resources", kind,
-                     "keys must be prefill, decode or colocated")
-        _require(self.orphan_timeout_s >= 10 * self.poll_wait_s, "orphan_timeout_s",
-                 self.orphan_timeout_s, f"must be >= 10 x poll_wait_s={self.poll_wait_s} (a live "
-                 "stream that is polled slowly must never be reaped)")
-        _require(self.transfer_timeout_s < self.lease_s, "transfer_timeout_s",
-                 self.transfer_timeout_s, f"must be shorter than lease_s={self.lease_s}")
+            _require(
+                kind in ("prefill", "decode", "colocated"),
+                "worker_resources",
+                kind,
+                "keys must be prefill, decode or colocated",
+            )
+        _require(
+            self.orphan_timeout_s >= 10 * self.poll_wait_s,
+            "orphan_timeout_s",
+            self.orphan_timeout_s,
+            f"must be >= 10 x poll_wait_s={self.poll_wait_s} (a live "
+            "stream that is polled slowly must never be reaped)",
+        )
+        _require(
+            self.transfer_timeout_s < self.lease_s,
+            "transfer_timeout_s",
+            self.transfer_timeout_s,
+            f"must be shorter than lease_s={self.lease_s}",
+        )
 
     def resources_for(self, kind: str) -> WorkerResources:
         got = self.worker_resources.get(kind)

@@ -45,7 +45,8 @@ class Pools:
     workers: dict[str, WorkerEntry] = field(default_factory=dict)
     # Per-kind numbering: a 1+1 pool is prefill-0 + decode-0, the names ensure_pools expects.
     _counters: dict[str, itertools.count] = field(
-        default_factory=lambda: {k: itertools.count() for k in WORKER_CLASSES})
+        default_factory=lambda: {k: itertools.count() for k in WORKER_CLASSES}
+    )
 
     def by_kind(self, kind: str) -> list[WorkerEntry]:
         return [w for w in self.workers.values() if w.info.kind == kind]
@@ -64,12 +65,19 @@ class Pools:
             self.workers[wid] = WorkerEntry(info, actor)
         return [p[0] for p in pending]
 
-    def resize(self, num_prefill: int | None = None, num_decode: int | None = None,
-               num_colocated: int | None = None) -> None:
+    def resize(
+        self,
+        num_prefill: int | None = None,
+        num_decode: int | None = None,
+        num_colocated: int | None = None,
+    ) -> None:
         """Grow by starting workers, shrink by stopping the newest ones (their streams end with an error
         the client turns into a resume on another decode worker)."""
-        for kind, want in (("prefill", num_prefill), ("decode", num_decode),
-                           ("colocated", num_colocated)):
+        for kind, want in (
+            ("prefill", num_prefill),
+            ("decode", num_decode),
+            ("colocated", num_colocated),
+        ):
             if want is None:
                 continue
             have = self.by_kind(kind)
@@ -132,8 +140,9 @@ def _transport(config: PoolConfig) -> str:
     import ray
 
     alive_nodes = [n for n in ray.nodes() if n.get("Alive")]
-    return choose_transport(config.transport, device_type=config.device_type,
-                            same_node=len(alive_nodes) <= 1)
+    return choose_transport(
+        config.transport, device_type=config.device_type, same_node=len(alive_nodes) <= 1
+    )
 
 
 def config_tag(config: PoolConfig, model_version: str = "") -> str:
@@ -146,8 +155,9 @@ def config_tag(config: PoolConfig, model_version: str = "") -> str:
     return hashlib.sha256(f"{plain!r}|{model_version}".encode()).hexdigest()[:16]
 
 
-def ensure_pools(config: PoolConfig, *, model_version: str = "",
-                 timeout_s: float = START_TIMEOUT_S) -> dict[str, WorkerInfo]:
+def ensure_pools(
+    config: PoolConfig, *, model_version: str = "", timeout_s: float = START_TIMEOUT_S
+) -> dict[str, WorkerInfo]:
     """Get or create the configured workers as named, detached actors ``<kind>-<i>`` (KubeRay:
     nobody runs ``baton serve``, so the router replicas do this). ``get_if_exists`` makes it
     race-free: replicas that start together end up with one pool, not one each. A worker made for
@@ -158,15 +168,21 @@ def ensure_pools(config: PoolConfig, *, model_version: str = "",
 
     tag = config_tag(config, model_version)
     transport = _transport(config)
-    names = [f"{kind}-{i}" for kind, n in (("prefill", config.num_prefill),
-                                           ("decode", config.num_decode),
-                                           ("colocated", config.num_colocated))
-             for i in range(n)]
+    names = [
+        f"{kind}-{i}"
+        for kind, n in (
+            ("prefill", config.num_prefill),
+            ("decode", config.num_decode),
+            ("colocated", config.num_colocated),
+        )
+        for i in range(n)
+    ]
 
     def get(wid: str) -> Any:
         kind = wid.rsplit("-", 1)[0]
-        return _actor_options(kind, wid, config, lifetime="detached",
-                              get_if_exists=True).remote(wid, config, transport, tag)
+        return _actor_options(kind, wid, config, lifetime="detached", get_if_exists=True).remote(
+            wid, config, transport, tag
+        )
 
     deadline = time.monotonic() + timeout_s
     out: dict[str, WorkerInfo] = {}
@@ -201,11 +217,13 @@ def start_pools(config: PoolConfig, *, ray_init_kwargs: dict[str, Any] | None = 
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=config.address, namespace=config.ray_namespace,
-                 **(ray_init_kwargs or {}))
+        ray.init(address=config.address, namespace=config.ray_namespace, **(ray_init_kwargs or {}))
     pools = Pools(config, _transport(config))
-    for kind, n in (("prefill", config.num_prefill), ("decode", config.num_decode),
-                    ("colocated", config.num_colocated)):
+    for kind, n in (
+        ("prefill", config.num_prefill),
+        ("decode", config.num_decode),
+        ("colocated", config.num_colocated),
+    ):
         if n:
             pools._spawn(kind, n)
     log.info("pools up: %s (transport %s)", sorted(pools.workers), pools.transport)

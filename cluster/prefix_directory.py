@@ -20,10 +20,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import ray
-from ray.util import metrics as ray_metrics
-
 from baton.cluster.prefix_index import DirectoryConfig, ModelIdentity, PrefixIndex
 from baton.workers.cache_events import CacheEvent
+from ray.util import metrics as ray_metrics
 
 __all__ = [
     "DirectoryConfig",

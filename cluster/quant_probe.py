@@ -57,12 +57,17 @@ def _kl(ref: dict[int, float], quant: dict[int, float]) -> float:
     return sum(math.exp(lp) * (lp - quant.get(t, floor)) for t, lp in ref.items())
 
 
-def run_probe(reference: Any, quantized: Any,
-              prompts: Sequence[str | Sequence[int]] = DEFAULT_CANARIES, *,
-              num_tokens: int = 8, top_k: int = 20, kv_dtype: str = "fp8") -> ProbeResult:
+def run_probe(
+    reference: Any,
+    quantized: Any,
+    prompts: Sequence[str | Sequence[int]] = DEFAULT_CANARIES,
+    *,
+    num_tokens: int = 8,
+    top_k: int = 20,
+    kv_dtype: str = "fp8",
+) -> ProbeResult:
     t0 = time.monotonic()
-    greedy = SamplingParams(max_tokens=num_tokens, temperature=0.0, ignore_eos=True,
-                            logprobs=top_k)
+    greedy = SamplingParams(max_tokens=num_tokens, temperature=0.0, ignore_eos=True, logprobs=top_k)
     refs = reference.generate(list(prompts), greedy)
     contexts: list[list[int]] = []
     targets: list[tuple[int, dict[int, float]]] = []
@@ -81,16 +86,32 @@ def run_probe(reference: Any, quantized: Any,
         agree += int(q_arg == token)
         kls.append(max(0.0, _kl(ref_top, q_top)))
     n = max(1, len(targets))
-    return ProbeResult(kv_dtype, agree / n, sum(kls) / n, max(kls, default=0.0), len(targets),
-                       len(refs), time.monotonic() - t0, time.time())
+    return ProbeResult(
+        kv_dtype,
+        agree / n,
+        sum(kls) / n,
+        max(kls, default=0.0),
+        len(targets),
+        len(refs),
+        time.monotonic() - t0,
+        time.time(),
+    )
 
 
 class QuantProbe:
     """Runs ``run_probe`` every ``interval_s`` on a daemon thread; ``stop()`` ends it."""
 
-    def __init__(self, reference: Any, quantized: Any, publish: Callable[[ProbeResult], None],
-                 *, interval_s: float = 900.0, prompts: Sequence[str] = DEFAULT_CANARIES,
-                 kv_dtype: str = "fp8", num_tokens: int = 8) -> None:
+    def __init__(
+        self,
+        reference: Any,
+        quantized: Any,
+        publish: Callable[[ProbeResult], None],
+        *,
+        interval_s: float = 900.0,
+        prompts: Sequence[str] = DEFAULT_CANARIES,
+        kv_dtype: str = "fp8",
+        num_tokens: int = 8,
+    ) -> None:
         self.reference, self.quantized, self.publish = reference, quantized, publish
         self.interval_s, self.prompts, self.kv_dtype = interval_s, prompts, kv_dtype
         self.num_tokens = num_tokens
@@ -100,8 +121,13 @@ class QuantProbe:
         self._thread: threading.Thread | None = None
 
     def run_once(self) -> ProbeResult:
-        result = run_probe(self.reference, self.quantized, self.prompts,
-                           num_tokens=self.num_tokens, kv_dtype=self.kv_dtype)
+        result = run_probe(
+            self.reference,
+            self.quantized,
+            self.prompts,
+            num_tokens=self.num_tokens,
+            kv_dtype=self.kv_dtype,
+        )
         self.last = result
         self.publish(result)
         return result

@@ -12,9 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
 from baton.workers.config import CacheConfig, EngineConfig, SchedulerConfig
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Transport = Literal["auto", "cuda_ipc", "nccl", "gloo", "grpc"]
 
@@ -116,7 +115,9 @@ class TenantLimits(_Strict):
 
 
 class TenantsSection(_Strict):
-    api_keys_file: str | None = None  # YAML (e.g. a mounted Kubernetes Secret); None = single-tenant dev mode
+    api_keys_file: str | None = (
+        None  # YAML (e.g. a mounted Kubernetes Secret); None = single-tenant dev mode
+    )
 
 
 class AdmissionSection(_Strict):
@@ -129,7 +130,9 @@ class AdmissionSection(_Strict):
     queue_timeout_s: float = Field(default=30.0, gt=0)
     default_limits: TenantLimits = TenantLimits()
     tenant_limits: dict[str, TenantLimits] = Field(default_factory=dict)
-    kv_blocks_override: int | None = Field(default=None, ge=1)  # budget when the pool cannot report it
+    kv_blocks_override: int | None = Field(
+        default=None, ge=1
+    )  # budget when the pool cannot report it
 
 
 class SLOSection(_Strict):

@@ -48,8 +48,9 @@ def _truthy(v: str | None) -> bool:
     return (v or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def setup_tracing(service_name: str, *, endpoint: str | None = None,
-                  env: Mapping[str, str] | None = None) -> bool:
+def setup_tracing(
+    service_name: str, *, endpoint: str | None = None, env: Mapping[str, str] | None = None
+) -> bool:
     """Build this process's tracer provider once from the OTel environment; True if tracing is on.
 
     Later calls are no-ops (a Serve replica and the actors it shares a process with set up once)."""
@@ -81,8 +82,11 @@ def _exporters_from_env(env: Mapping[str, str], endpoint: str | None) -> list[An
 
     out: list[Any] = []
     kinds = {k.strip() for k in env.get("OTEL_TRACES_EXPORTER", "").split(",") if k.strip()}
-    otlp = (endpoint or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-            or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    otlp = (
+        endpoint
+        or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    )
     if "none" in kinds:
         return out
     if otlp:
@@ -152,15 +156,21 @@ def mono_to_ns(t_mono: float) -> int:
     return time.time_ns() - int((time.monotonic() - t_mono) * 1e9)
 
 
-def span_between(name: str, parent: Context, start_mono: float, end_mono: float,
-                 attributes: Mapping[str, Any] | None = None,
-                 events: Sequence[tuple[str, float, Mapping[str, Any]]] = ()) -> None:
+def span_between(
+    name: str,
+    parent: Context,
+    start_mono: float,
+    end_mono: float,
+    attributes: Mapping[str, Any] | None = None,
+    events: Sequence[tuple[str, float, Mapping[str, Any]]] = (),
+) -> None:
     """Record a finished span from monotonic timestamps taken elsewhere (the engine's metrics)."""
     if not enabled():
         return
     start = mono_to_ns(start_mono)
-    span = _tracer.start_span(name, context=parent, start_time=start,
-                              attributes=dict(attributes or {}))
+    span = _tracer.start_span(
+        name, context=parent, start_time=start, attributes=dict(attributes or {})
+    )
     for ev_name, t, attrs in events:
         span.add_event(ev_name, dict(attrs), timestamp=mono_to_ns(t))
     span.end(end_time=max(start, mono_to_ns(end_mono)))
@@ -211,10 +221,13 @@ def span_record(s: Any) -> dict[str, Any]:
         "service": s.resource.attributes.get("service.name"),
         "pid": os.getpid(),
         "status": s.status.status_code.name,
-        "attributes": {k: (list(v) if isinstance(v, tuple) else v)
-                       for k, v in (s.attributes or {}).items()},
-        "events": [{"name": e.name, "time": e.timestamp, "attributes": dict(e.attributes or {})}
-                   for e in s.events],
+        "attributes": {
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in (s.attributes or {}).items()
+        },
+        "events": [
+            {"name": e.name, "time": e.timestamp, "attributes": dict(e.attributes or {})}
+            for e in s.events
+        ],
     }
 
 

@@ -46,7 +46,8 @@ def record_prefill(req: GenerateRequest, res: PrefillResult, worker_id: str) -> 
     first = m.get("first_token_time", now)
     parent = tracing.extract(req.trace_context)
     attrs: dict[str, Any] = {
-        "baton.worker": worker_id, "baton.tenant": req.tenant,
+        "baton.worker": worker_id,
+        "baton.tenant": req.tenant,
         "gen_ai.usage.input_tokens": len(req.prompt_token_ids),
         "baton.prefix.cached_tokens": res.num_cached_tokens,
         "baton.prefill.chunks": len(res.prefill_chunks),
@@ -54,15 +55,18 @@ def record_prefill(req: GenerateRequest, res: PrefillResult, worker_id: str) -> 
     if res.handle is not None:
         attrs["baton.kv.blocks"] = len(res.handle.block_ids)
     t = tracing.tracer()
-    span = t.start_span("prefill", context=parent, start_time=tracing.mono_to_ns(arrival),
-                        attributes=attrs)
+    span = t.start_span(
+        "prefill", context=parent, start_time=tracing.mono_to_ns(arrival), attributes=attrs
+    )
     for end, n in res.prefill_chunks:
-        span.add_event("prefill_chunk", {"baton.chunk.tokens": n},
-                       timestamp=tracing.mono_to_ns(end))
+        span.add_event(
+            "prefill_chunk", {"baton.chunk.tokens": n}, timestamp=tracing.mono_to_ns(end)
+        )
     if res.final is not None:
         span.set_attribute("gen_ai.response.finish_reasons", (res.final.finish_reason or "",))
-    tracing.span_between("queue", tracing.context_with(span), arrival, scheduled,
-                         {"baton.worker": worker_id})
+    tracing.span_between(
+        "queue", tracing.context_with(span), arrival, scheduled, {"baton.worker": worker_id}
+    )
     span.end(end_time=tracing.mono_to_ns(first))
 
 
@@ -81,14 +85,22 @@ class DecodeTrace:
     def open(cls, req: GenerateRequest, worker_id: str, transport: str) -> DecodeTrace | None:
         return cls(req, worker_id, transport) if tracing.enabled() else None
 
-    def transfer(self, start_mono: float, nbytes: int, blocks: int, error: str | None,
-                 recomputed: bool) -> None:
-        attrs = {"baton.kv.transport": self.transport, "baton.kv.bytes": nbytes,
-                 "baton.kv.blocks": blocks, "baton.kv.retries": 1 if recomputed else 0,
-                 "baton.worker": self.worker_id}
-        span = tracing.tracer().start_span("kv_transfer", context=self.parent,
-                                           start_time=tracing.mono_to_ns(start_mono),
-                                           attributes=attrs)
+    def transfer(
+        self, start_mono: float, nbytes: int, blocks: int, error: str | None, recomputed: bool
+    ) -> None:
+        attrs = {
+            "baton.kv.transport": self.transport,
+            "baton.kv.bytes": nbytes,
+            "baton.kv.blocks": blocks,
+            "baton.kv.retries": 1 if recomputed else 0,
+            "baton.worker": self.worker_id,
+        }
+        span = tracing.tracer().start_span(
+            "kv_transfer",
+            context=self.parent,
+            start_time=tracing.mono_to_ns(start_mono),
+            attributes=attrs,
+        )
         if error is not None:
             tracing.fail(span, error)
             span.add_event("recompute_prefill")
@@ -96,9 +108,15 @@ class DecodeTrace:
 
     def start_decode(self, placed: bool, resumed: bool) -> None:
         self.decode = tracing.tracer().start_span(
-            "decode", context=self.parent,
-            attributes={"baton.worker": self.worker_id, "baton.tenant": self.tenant,
-                        "baton.kv.placed": placed, "baton.resumed": resumed})
+            "decode",
+            context=self.parent,
+            attributes={
+                "baton.worker": self.worker_id,
+                "baton.tenant": self.tenant,
+                "baton.kv.placed": placed,
+                "baton.resumed": resumed,
+            },
+        )
 
     def observe(self, deltas: list[GenerateDelta]) -> None:
         span = self.decode

@@ -86,8 +86,12 @@ def _reshape_and_cache_kernel(
         offs_h = tl.arange(0, BLOCK_H)
         offs_d = tl.arange(0, BLOCK_D)
         mask = (offs_h[:, None] < NUM_HEADS) & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
-        v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+        k = tl.load(
+            k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask
+        )
+        v = tl.load(
+            v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask
+        )
         if QUANT:
             k = _round_to_e4m3(k.to(tl.float32) * inv_k_scale)
             v = _round_to_e4m3(v.to(tl.float32) * inv_v_scale)
@@ -183,7 +187,9 @@ def _block_copy_kernel(
 
 def _as_words(t: torch.Tensor) -> torch.Tensor:
     """View a tensor as same-width integers, so the copy is dtype-agnostic (fp8 included)."""
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    return t.view(
+        {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    )
 
 
 def _check_cache(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> None:
@@ -227,7 +233,9 @@ def gather_kv_blocks(
     return out
 
 
-def scatter_kv_blocks(buffer: torch.Tensor, kv_cache: torch.Tensor, block_ids: torch.Tensor) -> None:
+def scatter_kv_blocks(
+    buffer: torch.Tensor, kv_cache: torch.Tensor, block_ids: torch.Tensor
+) -> None:
     """Unpack a ``gather_kv_blocks`` buffer into ``block_ids`` of ``kv_cache`` (in place)."""
     _check_cache(kv_cache, block_ids)
     layers, _, _, page, heads, dim = kv_cache.shape

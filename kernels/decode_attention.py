@@ -25,7 +25,6 @@ import functools
 import torch
 import triton
 import triton.language as tl
-
 from baton.kernels.attention import visible_mask
 from baton.kernels.cache_ops import dot_types
 
@@ -68,7 +67,9 @@ def _attend_tile(
     tok = offs_n % PAGE
     kmask = nmask[:, None] & dmask[None, :]
     k = tl.load(
-        k_head + (page * stride_kb + tok * stride_kt)[:, None] + offs_d[None, :], mask=kmask, other=0.0
+        k_head + (page * stride_kb + tok * stride_kt)[:, None] + offs_d[None, :],
+        mask=kmask,
+        other=0.0,
     )
     qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC, out_dtype=tl.float32)
     qk = qk * scale_log2  # [G, N]
@@ -79,7 +80,9 @@ def _attend_tile(
     p = tl.exp2(qk - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(
-        v_head + (page * stride_vb + tok * stride_vt)[:, None] + offs_d[None, :], mask=kmask, other=0.0
+        v_head + (page * stride_vb + tok * stride_vt)[:, None] + offs_d[None, :],
+        mask=kmask,
+        other=0.0,
     )
     pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC, out_dtype=tl.float32)
     acc = acc * alpha[:, None] + pv
@@ -204,7 +207,9 @@ def _reduce_kernel(
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, BLOCK_D)
     smask = offs_s < num_splits
-    lse = tl.load(part_lse_ptr + b * stride_pt + h * stride_ph + offs_s, mask=smask, other=float("-inf"))
+    lse = tl.load(
+        part_lse_ptr + b * stride_pt + h * stride_ph + offs_s, mask=smask, other=float("-inf")
+    )
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2(lse - m)  # [S]

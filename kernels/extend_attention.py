@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from baton.kernels.attention import visible_mask
 from baton.kernels.cache_ops import dot_types
 
@@ -58,7 +57,9 @@ def _extend_tile(
     tok = offs_n % PAGE
     kmask = nvalid[:, None] & dmask[None, :]
     k = tl.load(
-        k_head + (page * stride_kb + tok * stride_kt)[:, None] + offs_d[None, :], mask=kmask, other=0.0
+        k_head + (page * stride_kb + tok * stride_kt)[:, None] + offs_d[None, :],
+        mask=kmask,
+        other=0.0,
     )
     qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC, out_dtype=tl.float32)
     qk = qk * scale_log2  # [M, N]
@@ -73,7 +74,9 @@ def _extend_tile(
     p = tl.exp2(qk - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(
-        v_head + (page * stride_vb + tok * stride_vt)[:, None] + offs_d[None, :], mask=kmask, other=0.0
+        v_head + (page * stride_vb + tok * stride_vt)[:, None] + offs_d[None, :],
+        mask=kmask,
+        other=0.0,
     )
     pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC, out_dtype=tl.float32)
     acc = acc * alpha[:, None] + pv
@@ -163,7 +166,9 @@ def _extend_kernel(
         tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
 
 
-def _default_config(head_dim: int, dtype: torch.dtype, max_query_len: int) -> tuple[int, int, int, int]:
+def _default_config(
+    head_dim: int, dtype: torch.dtype, max_query_len: int
+) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages)."""
     if dtype == torch.float32 or head_dim > 128:
         return 32, 32, 4, 2
@@ -261,7 +266,9 @@ def extend_attention_reference(
         qs = q[start:end].float().transpose(0, 1)  # [Hq, Q, D]
         scores = torch.matmul(qs, keys.transpose(1, 2)) * scale  # [Hq, Q, S]
         q_pos = torch.arange(slen - (end - start), slen, device=q.device)
-        mask = visible_mask(q_pos, torch.arange(slen, device=q.device), sliding_window, num_sink_tokens)
+        mask = visible_mask(
+            q_pos, torch.arange(slen, device=q.device), sliding_window, num_sink_tokens
+        )
         probs = torch.softmax(scores.masked_fill(~mask[None], float("-inf")), dim=-1)
         out[start:end] = torch.matmul(probs, vals).transpose(0, 1).to(q.dtype)
     return out

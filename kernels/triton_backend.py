@@ -9,7 +9,6 @@ mixed step is one launch and still exact. Runs on CPU tensors under ``TRITON_INT
 from __future__ import annotations
 
 import torch
-
 from baton.kernels.attention import AttentionMetadata, LayerAttentionParams
 from baton.kernels.cache_ops import reshape_and_cache
 from baton.kernels.decode_attention import decode_attention
@@ -32,9 +31,7 @@ class TritonBackend:
         params: LayerAttentionParams,
     ) -> torch.Tensor:
         """Write k/v at ``meta.slot_mapping`` and return attention output ``[T, Hq, D]``."""
-        reshape_and_cache(
-            k, v, k_cache, v_cache, meta.slot_mapping, params.k_scale, params.v_scale
-        )
+        reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping, params.k_scale, params.v_scale)
         if q.shape[0] == 0:
             return torch.empty_like(q)
         common = dict(

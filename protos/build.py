@@ -18,7 +18,9 @@ PROTO_DIR = PROTO_ROOT / "baton" / "v1"
 def _stale(proto: Path) -> bool:
     stub = proto.with_name(proto.stem + "_pb2.py")
     grpc_stub = proto.with_name(proto.stem + "_pb2_grpc.py")
-    return any(not p.exists() or p.stat().st_mtime < proto.stat().st_mtime for p in (stub, grpc_stub))
+    return any(
+        not p.exists() or p.stat().st_mtime < proto.stat().st_mtime for p in (stub, grpc_stub)
+    )
 
 
 def generate(force: bool = False) -> list[Path]:
@@ -41,7 +43,9 @@ def generate(force: bool = False) -> list[Path]:
             raise RuntimeError(f"protoc failed for {proto}")
         for out in proto.parent.glob(proto.stem + "_pb2*.py"):
             text = out.read_text()
-            fixed = re.sub(r"^from baton\.v1 import", "from baton.protos.baton.v1 import", text, flags=re.M)
+            fixed = re.sub(
+                r"^from baton\.v1 import", "from baton.protos.baton.v1 import", text, flags=re.M
+            )
             out.write_text(fixed)
             written.append(out)
     return written

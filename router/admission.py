@@ -105,7 +105,9 @@ class AdmissionController:
 
     def committed_blocks(self) -> int:
         pb = self.policy.projected_blocks
-        return sum(pb(t.prompt_tokens + t.generated, t.remaining()) for t in self._admitted.values())
+        return sum(
+            pb(t.prompt_tokens + t.generated, t.remaining()) for t in self._admitted.values()
+        )
 
     @property
     def num_admitted(self) -> int:
@@ -132,9 +134,14 @@ class AdmissionController:
             f"n={n} sequences of {prompt_tokens} prompt tokens and max_tokens={max_tokens} need "
             f"{need} KV blocks side by side ({each} each); the server's KV budget is {budget} "
             f"blocks, so at most n={budget // each} fit with this prompt and max_tokens. Lower n "
-            "or max_tokens, or send the copies as separate requests.", "n", n=n,
-            prompt_tokens=prompt_tokens, max_tokens=max_tokens, kv_blocks_needed=need,
-            kv_budget_blocks=budget)
+            "or max_tokens, or send the copies as separate requests.",
+            "n",
+            n=n,
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            kv_blocks_needed=need,
+            kv_budget_blocks=budget,
+        )
 
     # -- acquire / release ------------------------------------------------------------------------
     async def acquire(
@@ -148,19 +155,28 @@ class AdmissionController:
                 bucket = self._buckets[tenant] = _Bucket(limits.tokens_per_minute, now)
             wait = bucket.take(prompt_tokens + max_tokens, now)
             if wait > 0:
-                raise self._reject("rate_limited", f"tenant {tenant!r} is over its token rate limit "
-                                   f"({limits.tokens_per_minute} tokens/minute)", wait)
+                raise self._reject(
+                    "rate_limited",
+                    f"tenant {tenant!r} is over its token rate limit "
+                    f"({limits.tokens_per_minute} tokens/minute)",
+                    wait,
+                )
         predicted = self.predictor.predict(key, max_tokens)
         t = Ticket(request_id, tenant, key, prompt_tokens, max_tokens, predicted, now)
         if self._queued == 0 and self._fits(t):
             self._admit(t)
             return t
         q = self._queues.get(tenant)
-        if self._queued >= self.config.max_queue_total or (
-            q is not None and len(q) >= self.config.max_queue_per_tenant
-        ) or self.config.max_queue_per_tenant == 0:
-            raise self._reject("queue_full", "the server is at capacity and the admission queue is "
-                               "full; retry later", self._retry_after())
+        if (
+            self._queued >= self.config.max_queue_total
+            or (q is not None and len(q) >= self.config.max_queue_per_tenant)
+            or self.config.max_queue_per_tenant == 0
+        ):
+            raise self._reject(
+                "queue_full",
+                "the server is at capacity and the admission queue is full; retry later",
+                self._retry_after(),
+            )
         t.future = asyncio.get_running_loop().create_future()
         self._queues.setdefault(tenant, deque()).append(t)
         self._queued += 1
@@ -170,9 +186,12 @@ class AdmissionController:
         except TimeoutError:
             if t.admitted_at is None:
                 self._dequeue(t)
-                raise self._reject("queue_timeout", "the request waited longer than "
-                                   f"{self.config.queue_timeout_s:g}s for capacity; retry later",
-                                   self._retry_after()) from None
+                raise self._reject(
+                    "queue_timeout",
+                    "the request waited longer than "
+                    f"{self.config.queue_timeout_s:g}s for capacity; retry later",
+                    self._retry_after(),
+                ) from None
         except asyncio.CancelledError:  # client gone while queued: leave no trace
             if t.admitted_at is None:
                 self._dequeue(t)

@@ -15,12 +15,11 @@ import importlib.util
 import logging
 from typing import Any
 
-from ray import serve
-
 from baton.cluster.serve_config import ServeConfig
 from baton.router.auth import Authenticator
 from baton.router.client_protocol import EngineClient
 from baton.router.core import ModelInfo, RouterCore
+from ray import serve
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,8 @@ async def _cluster_client(config: ServeConfig, model: ModelInfo) -> EngineClient
     pcfg = pool_config(config)
     version = f"{model.identity.model_fingerprint}|{model.identity.tokenizer_hash}"
     await asyncio.get_running_loop().run_in_executor(
-        None, lambda: ensure_pools(pcfg, model_version=version))
+        None, lambda: ensure_pools(pcfg, model_version=version)
+    )
     return ClusterEngineClient(await ClusterClient.discover(pcfg))
 
 
@@ -50,7 +50,6 @@ def _directory(create: bool) -> Any | None:
     """The prefix directory's handle; in disaggregated mode it is created if none runs yet."""
     try:
         import ray
-
         from baton.cluster.prefix_directory import get_directory, get_or_create_directory
 
         if not ray.is_initialized():
@@ -60,8 +59,9 @@ def _directory(create: bool) -> Any | None:
         return None
 
 
-async def build_core(config: ServeConfig, client: EngineClient | None = None,
-                     model: ModelInfo | None = None) -> RouterCore:
+async def build_core(
+    config: ServeConfig, client: EngineClient | None = None, model: ModelInfo | None = None
+) -> RouterCore:
     """Everything the router needs, started: auth, engine client, model info, admission, routing."""
     auth = Authenticator.from_file(config.tenants.api_keys_file)
     loop = asyncio.get_running_loop()
@@ -81,14 +81,22 @@ async def build_core(config: ServeConfig, client: EngineClient | None = None,
         model = await loop.run_in_executor(None, ModelInfo.load, config)
     core = RouterCore(config, client, model, auth, directory=directory)
     await core.start()
-    log.info("router ready: model %s (max_model_len %d), mode %s, %s", model.name,
-             model.max_model_len, resolve_mode(config),
-             "DEV single-tenant" if auth.dev_mode else f"{auth.num_keys} keys")
+    log.info(
+        "router ready: model %s (max_model_len %d), mode %s, %s",
+        model.name,
+        model.max_model_len,
+        resolve_mode(config),
+        "DEV single-tenant" if auth.dev_mode else f"{auth.num_keys} keys",
+    )
     return core
 
 
-@serve.deployment(name="BatonRouter", ray_actor_options={"num_cpus": 0},
-                  max_ongoing_requests=4096, health_check_period_s=5)
+@serve.deployment(
+    name="BatonRouter",
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=4096,
+    health_check_period_s=5,
+)
 @serve.ingress()
 class BatonIngress:
     async def __init__(self, args: dict[str, Any]) -> None:
@@ -100,7 +108,8 @@ class BatonIngress:
             from baton.router.grpc_server import start_grpc_server
 
             self.grpc_server, self.grpc_port = await start_grpc_server(
-                self.core, self.config.server.host, self.config.server.grpc_port)
+                self.core, self.config.server.host, self.config.server.grpc_port
+            )
 
     def __serve_build_asgi_app__(self) -> Any:
         from baton.router.openai_api import create_app
@@ -122,4 +131,5 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     """Serve application builder (validates ``args`` against ``ServeConfig`` before anything starts)."""
     config = ServeConfig.model_validate(args or {})
     return BatonIngress.options(num_replicas=config.server.router_replicas).bind(
-        config.model_dump(mode="json"))
+        config.model_dump(mode="json")
+    )

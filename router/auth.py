@@ -96,8 +96,11 @@ class Authenticator:
             loc = ".".join(str(p) for p in first["loc"])
             raise ValueError(f"api keys file {path}: {loc}: {first['msg']}") from None
         auth = cls(keys)
-        log.info("api keys: %d tenants, %d keys loaded (held hashed)", len(keys.tenants),
-                 len(auth._entries))
+        log.info(
+            "api keys: %d tenants, %d keys loaded (held hashed)",
+            len(keys.tenants),
+            len(auth._entries),
+        )
         return auth
 
     def authenticate(self, key: str | None) -> Tenant | None:

@@ -13,9 +13,9 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from baton.workers.messages import GenerateDelta, GenerateRequest
 from baton.cluster.serve_config import ServeConfig
 from baton.router.client_protocol import Route, WorkerLoad
+from baton.workers.messages import GenerateDelta, GenerateRequest
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +27,22 @@ def pool_config(config: ServeConfig, address: str | None = None) -> Any:
     extra: dict[str, Any] = {}
     if p.short_prompt_tokens:
         extra["disagg_threshold_tokens"] = p.short_prompt_tokens
-    per_kind = {kind: WorkerResources(s.num_gpus, s.num_cpus, dict(s.resources))
-                for kind, s in (("prefill", p.prefill), ("decode", p.decode))}
+    per_kind = {
+        kind: WorkerResources(s.num_gpus, s.num_cpus, dict(s.resources))
+        for kind, s in (("prefill", p.prefill), ("decode", p.decode))
+    }
     return PoolConfig(
-        engine=config.engine_config(), num_prefill=p.prefill.replicas, num_decode=p.decode.replicas,
+        engine=config.engine_config(),
+        num_prefill=p.prefill.replicas,
+        num_decode=p.decode.replicas,
         num_gpus_per_worker=max(p.prefill.num_gpus, p.decode.num_gpus),
-        num_cpus_per_worker=max(p.prefill.num_cpus, p.decode.num_cpus), transport=p.transport,
-        address=address, worker_resources=per_kind, orphan_timeout_s=p.orphan_timeout_s, **extra)
+        num_cpus_per_worker=max(p.prefill.num_cpus, p.decode.num_cpus),
+        transport=p.transport,
+        address=address,
+        worker_resources=per_kind,
+        orphan_timeout_s=p.orphan_timeout_s,
+        **extra,
+    )
 
 
 class ClusterEngineClient:
@@ -46,8 +55,9 @@ class ClusterEngineClient:
 
         return cls(await ClusterClient.discover(pool_config(config)))
 
-    async def generate(self, request: GenerateRequest, route: Route | None = None
-                       ) -> AsyncIterator[GenerateDelta]:
+    async def generate(
+        self, request: GenerateRequest, route: Route | None = None
+    ) -> AsyncIterator[GenerateDelta]:
         from baton.cluster.client import RoutingHint
 
         hint = RoutingHint(route.prefill_worker, route.decode_worker) if route else None
@@ -75,15 +85,27 @@ class ClusterEngineClient:
             if s is None:
                 loads.append(WorkerLoad(wid, role, False))
                 continue
-            loads.append(WorkerLoad(
-                wid, role, True, num_running=s.num_running, num_waiting=s.num_waiting,
-                kv_usage=s.kv_usage, num_total_blocks=s.num_total_blocks,
-                num_free_blocks=s.num_free_blocks, block_size=s.block_size,
-                num_preemptions=s.num_preemptions, prefix_queries=s.prefix_queries,
-                prefix_hits=s.prefix_hits, transport=info.transport if info else "",
-                transfer_bytes=s.transfer_bytes, transfer_seconds_sum=s.transfer_seconds_sum,
-                transfer_buckets=s.transfer_buckets,
-                transfer_failure_reasons=s.transfer_failure_reasons))
+            loads.append(
+                WorkerLoad(
+                    wid,
+                    role,
+                    True,
+                    num_running=s.num_running,
+                    num_waiting=s.num_waiting,
+                    kv_usage=s.kv_usage,
+                    num_total_blocks=s.num_total_blocks,
+                    num_free_blocks=s.num_free_blocks,
+                    block_size=s.block_size,
+                    num_preemptions=s.num_preemptions,
+                    prefix_queries=s.prefix_queries,
+                    prefix_hits=s.prefix_hits,
+                    transport=info.transport if info else "",
+                    transfer_bytes=s.transfer_bytes,
+                    transfer_seconds_sum=s.transfer_seconds_sum,
+                    transfer_buckets=s.transfer_buckets,
+                    transfer_failure_reasons=s.transfer_failure_reasons,
+                )
+            )
         return loads
 
     async def check_integrity(self) -> str | None:

@@ -21,17 +21,23 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from baton.workers.messages import GenerateDelta, GenerateRequest
 from baton.cluster.serve_config import ServeConfig
 from baton.router.admission import AdmissionController, Ticket, route_key
 from baton.router.auth import Authenticator, Tenant
 from baton.router.client_protocol import EngineClient, WorkerLoad
-from baton.router.errors import APIError, bad_request, context_overflow, model_not_found, unauthorized
+from baton.router.errors import (
+    APIError,
+    bad_request,
+    context_overflow,
+    model_not_found,
+    unauthorized,
+)
 from baton.router.metrics import RouterMetrics
 from baton.router.monitors import DriftMonitor, FinishRatio, InjectionDetector, StreamScanner
 from baton.router.routing import PrefixRouter
 from baton.router.tracing import RequestTrace, setup_tracing
 from baton.workers.block_hash import CacheIdentity
+from baton.workers.messages import GenerateDelta, GenerateRequest
 from baton.workers.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -57,19 +63,24 @@ class ModelInfo:
 
     @classmethod
     def from_engine(cls, engine: Any, config: ServeConfig) -> ModelInfo:
-        return cls(config.model.served_name(), config.model.aliases, engine.tokenizer,
-                   engine.max_model_len, engine.pool.block_size, engine.identity)
+        return cls(
+            config.model.served_name(),
+            config.model.aliases,
+            engine.tokenizer,
+            engine.max_model_len,
+            engine.pool.block_size,
+            engine.identity,
+        )
 
     @classmethod
     def load(cls, config: ServeConfig) -> ModelInfo:
         """Tokenizer, context length and cache identity from the model directory (cluster mode)."""
         import torch
-        from transformers import AutoTokenizer
-
         from baton.workers import identity
         from baton.workers.engine import resolve_device
         from baton.workers.model_loader import load_config, resolve_dtype
         from baton.workers.model_runner import kv_cache_dtype_for
+        from transformers import AutoTokenizer
 
         path = config.model.path
         if path is None:
@@ -86,13 +97,22 @@ class ModelInfo:
         model_dtype = resolve_dtype(config.engine.dtype, hf_config, device)
         kv = kv_cache_dtype_for(config.engine.kv_cache_dtype, model_dtype)
         ident = CacheIdentity(
-            "", identity.tokenizer_hash(tok),
-            identity.model_fingerprint(str(model_dir), dummy_seed=config.engine.seed
-                                       if config.engine.load_format == "dummy" else None),
+            "",
+            identity.tokenizer_hash(tok),
+            identity.model_fingerprint(
+                str(model_dir),
+                dummy_seed=config.engine.seed if config.engine.load_format == "dummy" else None,
+            ),
             str(kv).removeprefix("torch."),
         )
-        return cls(config.model.served_name(), config.model.aliases, tok, max_len,
-                   config.engine.block_size, ident)
+        return cls(
+            config.model.served_name(),
+            config.model.aliases,
+            tok,
+            max_len,
+            config.engine.block_size,
+            ident,
+        )
 
 
 @dataclass(frozen=True)
@@ -122,9 +142,19 @@ def trace_context(traceparent: str | None, tracestate: str | None) -> dict[str, 
 class OpenStream:
     """A running request: iterate for deltas (the first already received); ``aclose`` aborts if unfinished."""
 
-    def __init__(self, core: RouterCore, rid: str, ticket: Ticket, agen: AsyncIterator[GenerateDelta],
-                 first: GenerateDelta, arrival: float, tenant: Tenant, client_rid: str | None,
-                 route: str = "", trace: RequestTrace | None = None) -> None:
+    def __init__(
+        self,
+        core: RouterCore,
+        rid: str,
+        ticket: Ticket,
+        agen: AsyncIterator[GenerateDelta],
+        first: GenerateDelta,
+        arrival: float,
+        tenant: Tenant,
+        client_rid: str | None,
+        route: str = "",
+        trace: RequestTrace | None = None,
+    ) -> None:
         self.core, self.request_id, self.ticket = core, rid, ticket
         self._agen, self._first, self._arrival = agen, first, arrival
         self.tenant, self.client_rid = tenant, client_rid
@@ -148,8 +178,13 @@ class OpenStream:
             try:
                 delta = await self._agen.__anext__()
             except StopAsyncIteration:
-                delta = GenerateDelta(self.request_id, (), "", finish_reason="error",
-                                      error="the worker stream ended without a finish reason")
+                delta = GenerateDelta(
+                    self.request_id,
+                    (),
+                    "",
+                    finish_reason="error",
+                    error="the worker stream ended without a finish reason",
+                )
         self.core._on_delta(self, delta)
         if delta.finish_reason is not None:
             self.done = True
@@ -185,12 +220,14 @@ class RouterCore:
         self.metrics = metrics or RouterMetrics(model.name, tenants=auth.tenant_names)
         self.injection = InjectionDetector(obs.injection_patterns, obs.injection_heuristics)
         self.finish_ratio = FinishRatio(obs.finish_ratio_window)
-        self.drift = DriftMonitor(obs.drift_recent, obs.drift_baseline_alpha,
-                                  min_samples=obs.drift_min_samples)
+        self.drift = DriftMonitor(
+            obs.drift_recent, obs.drift_baseline_alpha, min_samples=obs.drift_min_samples
+        )
         self._refreshes = 0
         total = config.admission.kv_blocks_override or 1
-        self.admission = AdmissionController(config.admission, total_blocks=total,
-                                             block_size=model.block_size)
+        self.admission = AdmissionController(
+            config.admission, total_blocks=total, block_size=model.block_size
+        )
         self.router = PrefixRouter(model.identity, model.block_size, directory=directory)
         self.directory = directory
         self.loads: list[WorkerLoad] = []
@@ -217,8 +254,9 @@ class RouterCore:
         self.loads = loads
         decode = [w for w in loads if w.serves_decode and w.ready]
         if decode and self.config.admission.kv_blocks_override is None:
-            self.admission.set_capacity(sum(w.num_total_blocks for w in decode),
-                                        decode[0].block_size)
+            self.admission.set_capacity(
+                sum(w.num_total_blocks for w in decode), decode[0].block_size
+            )
         self.metrics.observe_loads(loads)
         self._refreshes += 1
         if self.directory is not None and self._refreshes % 10 == 1:
@@ -273,10 +311,12 @@ class RouterCore:
     def chat_ids(self, messages: list[dict[str, Any]]) -> list[int]:
         try:
             ids = self.model.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True)
+                messages, add_generation_prompt=True, tokenize=True
+            )
         except Exception as exc:  # noqa: BLE001 - a template error is the caller's input problem
-            raise bad_request(f"messages could not be rendered with the chat template: {exc}",
-                              "messages") from None
+            raise bad_request(
+                f"messages could not be rendered with the chat template: {exc}", "messages"
+            ) from None
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return list(ids)
@@ -289,8 +329,9 @@ class RouterCore:
             m = _PARAM_RE.search(str(exc))
             raise bad_request(str(exc), m.group(1) if m else None) from None
 
-    def fit_context(self, ids: list[int], params: SamplingParams,
-                    truncate_prompt_tokens: int | None) -> tuple[list[int], bool]:
+    def fit_context(
+        self, ids: list[int], params: SamplingParams, truncate_prompt_tokens: int | None
+    ) -> tuple[list[int], bool]:
         """Explicit context check. ``truncate_prompt_tokens=k`` keeps the last k prompt tokens (-1:
         as many as fit beside max_tokens); without it an overflow is a 400 with the three
         numbers."""
@@ -299,7 +340,11 @@ class RouterCore:
             raise context_overflow(len(ids), params.max_tokens, limit)
         truncated = False
         if truncate_prompt_tokens is not None:
-            keep = limit - params.max_tokens if truncate_prompt_tokens == -1 else truncate_prompt_tokens
+            keep = (
+                limit - params.max_tokens
+                if truncate_prompt_tokens == -1
+                else truncate_prompt_tokens
+            )
             if len(ids) > keep:
                 ids, truncated = ids[-keep:], True
         if len(ids) + params.max_tokens > limit:
@@ -319,20 +364,30 @@ class RouterCore:
         rid = f"{tenant.name}-{uuid.uuid4().hex}"
         if client_request_id is not None:
             if (tenant.name, client_request_id) in self._live:
-                raise bad_request(f"request_id {client_request_id!r} is already running",
-                                  "request_id")
+                raise bad_request(
+                    f"request_id {client_request_id!r} is already running", "request_id"
+                )
         key = route_key(tenant.namespace, sub.route)
-        span = RequestTrace.open(trace, model=self.model.name, tenant=tenant.name, route=sub.route,
-                                 request_id=rid, prompt_tokens=len(sub.prompt_ids),
-                                 params=sub.params, block_size=self.model.block_size)
+        span = RequestTrace.open(
+            trace,
+            model=self.model.name,
+            tenant=tenant.name,
+            route=sub.route,
+            request_id=rid,
+            prompt_tokens=len(sub.prompt_ids),
+            params=sub.params,
+            block_size=self.model.block_size,
+        )
         if span is not None:
             span.admission_started()
         try:
-            ticket = await self.admission.acquire(rid, tenant.name, key, len(sub.prompt_ids),
-                                                  sub.params.max_tokens)
+            ticket = await self.admission.acquire(
+                rid, tenant.name, key, len(sub.prompt_ids), sub.params.max_tokens
+            )
         except APIError as exc:
-            self.metrics.rejections.labels(self.model.name, exc.code or "rejected",
-                                           self.metrics.tenant(tenant.name)).inc()
+            self.metrics.rejections.labels(
+                self.model.name, exc.code or "rejected", self.metrics.tenant(tenant.name)
+            ).inc()
             if span is not None:
                 span.failed(exc)
             raise
@@ -345,19 +400,33 @@ class RouterCore:
         self.metrics.queue_time.labels(self.model.name).observe(ticket.queue_time_s)
         self._gauges()
         try:
-            route = await self.router.pick(sub.prompt_ids, tenant.namespace, self.loads,
-                                           short_prompt_tokens=self.config.pools.short_prompt_tokens)
+            route = await self.router.pick(
+                sub.prompt_ids,
+                tenant.namespace,
+                self.loads,
+                short_prompt_tokens=self.config.pools.short_prompt_tokens,
+            )
             if span is not None:
-                span.routed(getattr(route, "prefill_worker", None),
-                            getattr(route, "decode_worker", None),
-                            int(getattr(route, "num_cached_tokens", 0) or 0))
-            carry = span.carry() if span is not None else (trace or {
-                "traceparent": new_traceparent()})
-            req = GenerateRequest(rid, sub.prompt_ids, sub.params, namespace=tenant.namespace,
-                                  tenant=tenant.name, trace_context=carry,
-                                  deadline_s=self.config.server.request_timeout_s)
+                span.routed(
+                    getattr(route, "prefill_worker", None),
+                    getattr(route, "decode_worker", None),
+                    int(getattr(route, "num_cached_tokens", 0) or 0),
+                )
+            carry = (
+                span.carry() if span is not None else (trace or {"traceparent": new_traceparent()})
+            )
+            req = GenerateRequest(
+                rid,
+                sub.prompt_ids,
+                sub.params,
+                namespace=tenant.namespace,
+                tenant=tenant.name,
+                trace_context=carry,
+                deadline_s=self.config.server.request_timeout_s,
+            )
             self.metrics.router_overhead.labels(self.model.name).observe(
-                time.monotonic() - arrival - ticket.queue_time_s)
+                time.monotonic() - arrival - ticket.queue_time_s
+            )
             agen = self.client.generate(req, route)
             first = await agen.__anext__()
         except BaseException as exc:
@@ -369,17 +438,22 @@ class RouterCore:
             if isinstance(exc, APIError):
                 raise
             if isinstance(exc, ValueError):  # engine-side validation (context, KV capacity, vocab)
-                d = {k: getattr(exc, k) for k in ("prompt_tokens", "max_tokens", "max_model_len")
-                     if hasattr(exc, k)}
+                d = {
+                    k: getattr(exc, k)
+                    for k in ("prompt_tokens", "max_tokens", "max_model_len")
+                    if hasattr(exc, k)
+                }
                 if d:
-                    raise context_overflow(d["prompt_tokens"], d["max_tokens"],
-                                           d["max_model_len"]) from None
+                    raise context_overflow(
+                        d["prompt_tokens"], d["max_tokens"], d["max_model_len"]
+                    ) from None
                 raise bad_request(str(exc)) from None
             if isinstance(exc, StopAsyncIteration):
                 raise APIError(503, "the worker closed the stream before answering") from None
             raise
-        stream = OpenStream(self, rid, ticket, agen, first, arrival, tenant, client_request_id,
-                            sub.route, span)
+        stream = OpenStream(
+            self, rid, ticket, agen, first, arrival, tenant, client_request_id, sub.route, span
+        )
         if client_request_id is not None:
             self._live[(tenant.name, client_request_id)] = rid
         return stream
@@ -444,12 +518,18 @@ class RouterCore:
                 self.metrics.token_js.labels(m, s.route).set(r.token_js)
                 self.metrics.output_length.labels(m, s.route, "recent").set(r.recent_mean_tokens)
                 self.metrics.output_length.labels(m, s.route, "baseline").set(
-                    r.baseline_mean_tokens)
+                    r.baseline_mean_tokens
+                )
         if reason != "abort":
             self.metrics.finish_length_ratio.labels(m).set(self.finish_ratio.observe(reason))
         if s.trace is not None:
-            s.trace.finish(reason, prompt_tokens=s.prompt_tokens, cached_tokens=s.cached_tokens,
-                           output_tokens=len(s.token_ids), error=s.error)
+            s.trace.finish(
+                reason,
+                prompt_tokens=s.prompt_tokens,
+                cached_tokens=s.cached_tokens,
+                output_tokens=len(s.token_ids),
+                error=s.error,
+            )
         self._gauges()
 
     def _gauges(self) -> None:
@@ -472,9 +552,9 @@ class RouterCore:
             log.warning("health check failed: %s", exc)
             return False, []
         roles = {w.role for w in loads}
-        pools_ok = all(
-            any(w.ready and w.role == r for w in loads) for r in roles
-        ) and any(w.ready and w.serves_decode for w in loads)
+        pools_ok = all(any(w.ready and w.role == r for w in loads) for r in roles) and any(
+            w.ready and w.serves_decode for w in loads
+        )
         return ok and pools_ok, loads
 
     async def purge_prefix_cache(self, namespace: str | None) -> dict[str, Any]:

@@ -81,26 +81,39 @@ def context_overflow(prompt_tokens: int, max_tokens: int, max_model_len: int) ->
         "lower max_tokens, or set truncate_prompt_tokens.",
         param="prompt",
         code="context_length_exceeded",
-        details={"prompt_tokens": prompt_tokens, "max_tokens": max_tokens,
-                 "max_model_len": max_model_len},
+        details={
+            "prompt_tokens": prompt_tokens,
+            "max_tokens": max_tokens,
+            "max_model_len": max_model_len,
+        },
     )
 
 
 def unauthorized() -> APIError:
-    return APIError(401, "missing or unknown API key (send Authorization: Bearer <key>)",
-                    code="invalid_api_key")
+    return APIError(
+        401, "missing or unknown API key (send Authorization: Bearer <key>)", code="invalid_api_key"
+    )
 
 
 def model_not_found(name: str, available: list[str]) -> APIError:
-    return APIError(404, f"model {name!r} does not exist; available: {', '.join(available)}",
-                    param="model", code="model_not_found")
+    return APIError(
+        404,
+        f"model {name!r} does not exist; available: {', '.join(available)}",
+        param="model",
+        code="model_not_found",
+    )
 
 
 def too_large(size: int, limit: int) -> APIError:
-    return APIError(413, f"request body of {size} bytes exceeds the limit of {limit} bytes",
-                    code="request_too_large", details={"limit_bytes": limit})
+    return APIError(
+        413,
+        f"request body of {size} bytes exceeds the limit of {limit} bytes",
+        code="request_too_large",
+        details={"limit_bytes": limit},
+    )
 
 
 def rejected(reason: str, message: str, retry_after_s: float) -> APIError:
-    return APIError(429, message, code=reason, details={"reason": reason},
-                    retry_after_s=retry_after_s)
+    return APIError(
+        429, message, code=reason, details={"reason": reason}, retry_after_s=retry_after_s
+    )

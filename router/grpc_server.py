@@ -19,9 +19,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from grpc_reflection.v1alpha import reflection
-
 from baton.protos.build import ensure_generated
+from grpc_reflection.v1alpha import reflection
 
 ensure_generated()
 
@@ -32,8 +31,19 @@ from baton.router.core import RouterCore, Submission, trace_context  # noqa: E40
 from baton.router.errors import APIError  # noqa: E402
 
 log = logging.getLogger(__name__)
-_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "logprobs",
-                    "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens")
+_SAMPLING_FIELDS = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "logprobs",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "min_tokens",
+)
 
 
 async def _fail(context: grpc.aio.ServicerContext, exc: APIError) -> None:
@@ -53,7 +63,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.core = core
 
     def _meta(self, context: grpc.aio.ServicerContext) -> dict[str, str]:
-        return {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        return {
+            k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)
+        }
 
     def _tenant(self, md: dict[str, str]) -> Tenant:
         return self.core.authenticate(bearer_key(md.get("authorization"), md.get("x-api-key")))
@@ -73,8 +85,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             return self.core.chat_ids(msgs)
         raise APIError(400, "one of text, token_ids or chat is required", param="input")
 
-    async def Generate(self, request: Any, context: grpc.aio.ServicerContext
-                       ) -> AsyncIterator[Any]:
+    async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         arrival = time.monotonic()
         stream = None
         try:
@@ -90,16 +101,23 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             kw["ignore_eos"] = p.ignore_eos
             params = self.core.sampling_params(**kw)
             ids = self._prompt(request)
-            trunc = request.truncate_prompt_tokens if request.HasField(
-                "truncate_prompt_tokens") else None
+            trunc = (
+                request.truncate_prompt_tokens
+                if request.HasField("truncate_prompt_tokens")
+                else None
+            )
             if trunc == 0 or (trunc is not None and trunc < -1):
-                raise APIError(400, "truncate_prompt_tokens must be >= 1 or -1",
-                               param="truncate_prompt_tokens")
+                raise APIError(
+                    400, "truncate_prompt_tokens must be >= 1 or -1", param="truncate_prompt_tokens"
+                )
             ids, truncated = self.core.fit_context(ids, params, trunc)
             stream = await self.core.open_stream(
-                tenant, Submission(tuple(ids), params, truncated, "grpc"), arrival=arrival,
+                tenant,
+                Submission(tuple(ids), params, truncated, "grpc"),
+                arrival=arrival,
                 trace=trace_context(md.get("traceparent"), md.get("tracestate")),
-                client_request_id=request.request_id or None)
+                client_request_id=request.request_id or None,
+            )
         except APIError as exc:
             await _fail(context, exc)
             return
@@ -111,16 +129,20 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 prompt = d.num_prompt_tokens or prompt
                 if d.num_cached_tokens:
                     cached = max(cached, d.num_cached_tokens)
-                msg = pb.GenerateResponse(request_id=rid, token_ids=list(d.token_ids),
-                                          text=d.text, truncated=truncated)
+                msg = pb.GenerateResponse(
+                    request_id=rid, token_ids=list(d.token_ids), text=d.text, truncated=truncated
+                )
                 for lp in d.logprobs or ():
                     msg.logprobs.add(token_id=lp.token_id, logprob=lp.logprob, top=lp.top)
                 if d.finish_reason is not None:
                     msg.finish_reason = d.finish_reason
                     msg.stop_reason = "" if d.stop_reason is None else str(d.stop_reason)
                     msg.error = d.error or ""
-                    msg.usage.CopyFrom(pb.Usage(prompt_tokens=prompt, completion_tokens=completion,
-                                                cached_tokens=cached))
+                    msg.usage.CopyFrom(
+                        pb.Usage(
+                            prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached
+                        )
+                    )
                 yield msg
         finally:
             await stream.aclose()
@@ -151,7 +173,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             return None
         m = self.core.model
         return pb.ListModelsResponse(
-            models=[pb.ModelCard(id=n, max_model_len=m.max_model_len) for n in m.names])
+            models=[pb.ModelCard(id=n, max_model_len=m.max_model_len) for n in m.names]
+        )
 
     async def Health(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         ok, loads = await self.core.health()
@@ -199,24 +222,31 @@ def _guard_unary(fn: Any) -> Any:
 
 def _add_servicer(servicer: GenerationServicer, server: grpc.aio.Server) -> None:
     """``add_GenerationServicer_to_server`` with lenient request parsing (see ``_Malformed``)."""
-    handlers = {"Generate": grpc.unary_stream_rpc_method_handler(
-        _guard_stream(servicer.Generate), request_deserializer=_lenient(pb.GenerateRequest),
-        response_serializer=pb.GenerateResponse.SerializeToString)}
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            _guard_stream(servicer.Generate),
+            request_deserializer=_lenient(pb.GenerateRequest),
+            response_serializer=pb.GenerateResponse.SerializeToString,
+        )
+    }
     for name in ("Abort", "Tokenize", "ListModels", "Health"):
         handlers[name] = grpc.unary_unary_rpc_method_handler(
             _guard_unary(getattr(servicer, name)),
             request_deserializer=_lenient(getattr(pb, f"{name}Request")),
-            response_serializer=getattr(pb, f"{name}Response").SerializeToString)
+            response_serializer=getattr(pb, f"{name}Response").SerializeToString,
+        )
     service = pb.DESCRIPTOR.services_by_name["Generation"].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
 
 
 async def start_grpc_server(core: RouterCore, host: str, port: int) -> tuple[grpc.aio.Server, int]:
     """Start the server on the running loop; returns it and the bound port (``port=0`` picks one)."""
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", core.config.server.max_body_bytes),
-        ("grpc.so_reuseport", 1),
-    ])
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", core.config.server.max_body_bytes),
+            ("grpc.so_reuseport", 1),
+        ]
+    )
     _add_servicer(GenerationServicer(core), server)
     names = (pb.DESCRIPTOR.services_by_name["Generation"].full_name, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)

@@ -119,12 +119,16 @@ class LocalEngineClient:
         st = _Stream(asyncio.get_running_loop(), asyncio.Queue(), len(request.prompt_token_ids))
 
         def add(eng: Any) -> None:
-            eng.add_request(rid, request.prompt_token_ids, request.params, namespace=request.namespace)
+            eng.add_request(
+                rid, request.prompt_token_ids, request.params, namespace=request.namespace
+            )
             self._streams[rid] = st
             self.loop.register(rid, self._dispatch)
 
         try:
-            await self._acall(add)  # validation errors (context, vocab) surface here, before any delta
+            await self._acall(
+                add
+            )  # validation errors (context, vocab) surface here, before any delta
             while True:
                 delta = await st.queue.get()
                 yield delta
@@ -147,9 +151,17 @@ class LocalEngineClient:
             st = self._streams.get(request_id)
             self._abort_now(request_id)
             if st is not None:
-                st.loop.call_soon_threadsafe(st.queue.put_nowait, GenerateDelta(
-                    request_id, (), "", finish_reason="abort",
-                    num_prompt_tokens=st.num_prompt_tokens, worker_id=self.worker_id))
+                st.loop.call_soon_threadsafe(
+                    st.queue.put_nowait,
+                    GenerateDelta(
+                        request_id,
+                        (),
+                        "",
+                        finish_reason="abort",
+                        num_prompt_tokens=st.num_prompt_tokens,
+                        worker_id=self.worker_id,
+                    ),
+                )
 
         self.call(run)
 

@@ -20,20 +20,24 @@ from dataclasses import dataclass
 
 DEFAULT_INJECTION_PATTERNS: dict[str, str] = {
     "ignore_instructions": r"\b(ignore|disregard|forget)\b.{0,40}"
-                           r"\b(previous|prior|above|all|earlier)\b.{0,20}"
-                           r"\b(instructions?|rules|prompts?|directions)",
+    r"\b(previous|prior|above|all|earlier)\b.{0,20}"
+    r"\b(instructions?|rules|prompts?|directions)",
     "reveal_system_prompt": r"\b(reveal|print|show|repeat|output)\b.{0,40}\b(system prompt|"
-                            r"hidden (instructions|prompt)|initial instructions)",
+    r"hidden (instructions|prompt)|initial instructions)",
     "role_override": r"\byou are (now|no longer)\b|\bact as (an? )?(unfiltered|jailbroken|dan)\b|"
-                     r"\bdeveloper mode\b|\bDAN\b",
+    r"\bdeveloper mode\b|\bDAN\b",
     "exfiltration": r"\b(send|post|upload|exfiltrate)\b.{0,40}\b(api[_ ]?key|password|secret|"
-                    r"credentials?|token)s?\b.{0,40}\b(to|http)",
+    r"credentials?|token)s?\b.{0,40}\b(to|http)",
 }
-_HIDDEN = re.compile("[\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff"
-                     "\U000e0000-\U000e007f]")
+_HIDDEN = re.compile(
+    "[\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff\U000e0000-\U000e007f]"
+)
 _BLOB = re.compile(r"[A-Za-z0-9+/]{200,}={0,2}")
-_ROLE_TOKENS = re.compile(r"<\|(im_start|im_end|system|start_header_id|eot_id)\|>|\[/?INST\]|"
-                          r"^\s*(system|assistant)\s*:", re.IGNORECASE | re.MULTILINE)
+_ROLE_TOKENS = re.compile(
+    r"<\|(im_start|im_end|system|start_header_id|eot_id)\|>|\[/?INST\]|"
+    r"^\s*(system|assistant)\s*:",
+    re.IGNORECASE | re.MULTILINE,
+)
 HEURISTICS = ("hidden_unicode", "encoded_blob", "role_tokens")
 
 
@@ -94,10 +98,10 @@ class StreamScanner:
     def feed(self, text: str) -> set[str]:
         if not text:
             return set()
-        self._buf = (self._buf + text)[-(self.tail + len(text)):]
+        self._buf = (self._buf + text)[-(self.tail + len(text)) :]
         new = self.detector.scan(self._buf) - self.seen
         self.seen |= new
-        self._buf = self._buf[-self.tail:]
+        self._buf = self._buf[-self.tail :]
         return new
 
 
@@ -152,8 +156,13 @@ class DriftMonitor:
     """Output drift per route: recent window (last ``recent`` sequences) vs an EWMA baseline with a
     long memory (``1/baseline_alpha`` sequences). Routes are the router's bounded route names."""
 
-    def __init__(self, recent: int = 50, baseline_alpha: float = 0.002, buckets: int = 64,
-                 min_samples: int = 20) -> None:
+    def __init__(
+        self,
+        recent: int = 50,
+        baseline_alpha: float = 0.002,
+        buckets: int = 64,
+        min_samples: int = 20,
+    ) -> None:
         self.recent, self.alpha, self.buckets = recent, baseline_alpha, buckets
         self.min_samples = min_samples
         self._routes: dict[str, _RouteStats] = {}

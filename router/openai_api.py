@@ -17,15 +17,14 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-
-from baton.workers.messages import GenerateDelta
 from baton.router.auth import bearer_key
 from baton.router.core import OpenStream, RouterCore, Submission, trace_context
 from baton.router.errors import APIError, too_large
 from baton.router.metrics import CONTENT_TYPE
 from baton.router.schemas import ChatCompletionRequest, CompletionRequest, parse_body
+from baton.workers.messages import GenerateDelta
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 16
@@ -115,9 +114,12 @@ class _Usage:
             self.cached = max(self.cached, d.num_cached_tokens)
 
     def body(self) -> dict[str, Any]:
-        return {"prompt_tokens": self.prompt, "completion_tokens": self.completion,
-                "total_tokens": self.prompt + self.completion,
-                "prompt_tokens_details": {"cached_tokens": self.cached}}
+        return {
+            "prompt_tokens": self.prompt,
+            "completion_tokens": self.completion,
+            "total_tokens": self.prompt + self.completion,
+            "prompt_tokens_details": {"cached_tokens": self.cached},
+        }
 
 
 def create_app(core: RouterCore) -> FastAPI:
@@ -182,11 +184,21 @@ def create_app(core: RouterCore) -> FastAPI:
                 if body.n > 1:
                     from dataclasses import replace
 
-                    child = replace(sub, params=replace(
-                        params, seed=None if params.seed is None else params.seed + j))
-                fan.add(await core.open_stream(
-                    tenant, child, arrival=arrival, trace=trace,
-                    client_request_id=body.request_id if body.n == 1 else None))
+                    child = replace(
+                        sub,
+                        params=replace(
+                            params, seed=None if params.seed is None else params.seed + j
+                        ),
+                    )
+                fan.add(
+                    await core.open_stream(
+                        tenant,
+                        child,
+                        arrival=arrival,
+                        trace=trace,
+                        client_request_id=body.request_id if body.n == 1 else None,
+                    )
+                )
         except BaseException:
             await fan.aclose()
             raise
@@ -196,8 +208,10 @@ def create_app(core: RouterCore) -> FastAPI:
         fmt = _Formatter(kind, rid, created, body.model, tok, truncated, body.return_token_ids)
         if body.stream:
             return StreamingResponse(
-                fmt.sse(fan.deltas(), body.n, include_usage), media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
+                fmt.sse(fan.deltas(), body.n, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Request-Id": rid},
+            )
         return JSONResponse(await fmt.whole(fan.deltas(), body.n))
 
     @app.post("/v1/completions")
@@ -211,15 +225,25 @@ def create_app(core: RouterCore) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
         tenant_of(request)
-        data = [{"id": n, "object": "model", "created": core.model.created, "owned_by": "baton",
-                 "max_model_len": core.model.max_model_len} for n in core.model.names]
+        data = [
+            {
+                "id": n,
+                "object": "model",
+                "created": core.model.created,
+                "owned_by": "baton",
+                "max_model_len": core.model.max_model_len,
+            }
+            for n in core.model.names
+        ]
         return JSONResponse({"object": "list", "data": data})
 
     @app.get("/health")
     async def health() -> JSONResponse:
         ok, loads = await core.health()
-        body = {"status": "ok" if ok else "unavailable",
-                "workers": [{"id": w.worker_id, "role": w.role, "ready": w.ready} for w in loads]}
+        body = {
+            "status": "ok" if ok else "unavailable",
+            "workers": [{"id": w.worker_id, "role": w.role, "ready": w.ready} for w in loads],
+        }
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
@@ -249,12 +273,17 @@ def create_app(core: RouterCore) -> FastAPI:
         check = getattr(core.client, "check_integrity", None)
         integrity = await check() if check is not None else None
         loads = await core.refresh_loads()
-        return JSONResponse({
-            "workers": [w.__dict__ for w in loads], "integrity_error": integrity,
-            "admitted": core.admission.num_admitted, "queued": core.admission.num_queued,
-            "committed_blocks": core.admission.committed_blocks(),
-            "budget_blocks": core.admission.policy.budget_blocks,
-            "rejections": dict(core.admission.rejections)})
+        return JSONResponse(
+            {
+                "workers": [w.__dict__ for w in loads],
+                "integrity_error": integrity,
+                "admitted": core.admission.num_admitted,
+                "queued": core.admission.num_queued,
+                "committed_blocks": core.admission.committed_blocks(),
+                "budget_blocks": core.admission.policy.budget_blocks,
+                "rejections": dict(core.admission.rejections),
+            }
+        )
 
     return app
 
@@ -262,8 +291,16 @@ def create_app(core: RouterCore) -> FastAPI:
 class _Formatter:
     """OpenAI response and chunk shapes for both routes."""
 
-    def __init__(self, kind: str, rid: str, created: int, model: str, tok: Any,
-                 truncated: bool, token_ids: bool = False) -> None:
+    def __init__(
+        self,
+        kind: str,
+        rid: str,
+        created: int,
+        model: str,
+        tok: Any,
+        truncated: bool,
+        token_ids: bool = False,
+    ) -> None:
         self.kind, self.rid, self.created, self.model, self.tok = kind, rid, created, model, tok
         self.truncated, self.token_ids = truncated, token_ids
         self.obj = "chat.completion" if kind == "chat" else "text_completion"
@@ -273,19 +310,33 @@ class _Formatter:
             return None
         dec = self.tok.decode
         if self.kind == "chat":
-            return {"content": [{
-                "token": dec([lp.token_id]), "logprob": lp.logprob,
-                "bytes": list(dec([lp.token_id]).encode()),
-                "top_logprobs": [{"token": dec([t]), "logprob": v, "bytes": list(dec([t]).encode())}
-                                 for t, v in lp.top.items()]} for lp in d.logprobs]}
-        return {"tokens": [dec([lp.token_id]) for lp in d.logprobs],
-                "token_logprobs": [lp.logprob for lp in d.logprobs],
-                "top_logprobs": [{dec([t]): v for t, v in lp.top.items()} for lp in d.logprobs],
-                "text_offset": [0] * len(d.logprobs)}
+            return {
+                "content": [
+                    {
+                        "token": dec([lp.token_id]),
+                        "logprob": lp.logprob,
+                        "bytes": list(dec([lp.token_id]).encode()),
+                        "top_logprobs": [
+                            {"token": dec([t]), "logprob": v, "bytes": list(dec([t]).encode())}
+                            for t, v in lp.top.items()
+                        ],
+                    }
+                    for lp in d.logprobs
+                ]
+            }
+        return {
+            "tokens": [dec([lp.token_id]) for lp in d.logprobs],
+            "token_logprobs": [lp.logprob for lp in d.logprobs],
+            "top_logprobs": [{dec([t]): v for t, v in lp.top.items()} for lp in d.logprobs],
+            "text_offset": [0] * len(d.logprobs),
+        }
 
     def _choice(self, i: int, d: GenerateDelta, first: bool) -> dict[str, Any]:
-        c: dict[str, Any] = {"index": i, "logprobs": self._logprobs(d),
-                             "finish_reason": d.finish_reason}
+        c: dict[str, Any] = {
+            "index": i,
+            "logprobs": self._logprobs(d),
+            "finish_reason": d.finish_reason,
+        }
         if self.kind == "chat":
             delta: dict[str, Any] = {"role": "assistant"} if first else {}
             if d.text or first:
@@ -302,17 +353,22 @@ class _Formatter:
         return c
 
     def _chunk(self, choices: list[dict[str, Any]], usage: Any = None) -> str:
-        body: dict[str, Any] = {"id": self.rid, "object": self.obj + (".chunk" if self.kind == "chat"
-                                                                       else ""),
-                                "created": self.created, "model": self.model, "choices": choices}
+        body: dict[str, Any] = {
+            "id": self.rid,
+            "object": self.obj + (".chunk" if self.kind == "chat" else ""),
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
         if usage is not None:
             body["usage"] = usage
         if self.truncated:
             body["truncated"] = True
         return f"data: {_json(body)}\n\n"
 
-    async def sse(self, deltas: AsyncIterator[tuple[int, GenerateDelta]], n: int,
-                  include_usage: bool) -> AsyncIterator[str]:
+    async def sse(
+        self, deltas: AsyncIterator[tuple[int, GenerateDelta]], n: int, include_usage: bool
+    ) -> AsyncIterator[str]:
         usage = _Usage()
         seen: set[int] = set()
         try:
@@ -328,8 +384,9 @@ class _Formatter:
         finally:
             await deltas.aclose()  # type: ignore[attr-defined]
 
-    async def whole(self, deltas: AsyncIterator[tuple[int, GenerateDelta]], n: int
-                    ) -> dict[str, Any]:
+    async def whole(
+        self, deltas: AsyncIterator[tuple[int, GenerateDelta]], n: int
+    ) -> dict[str, Any]:
         usage = _Usage()
         texts = [""] * n
         finish: list[Any] = [None] * n
@@ -351,8 +408,12 @@ class _Formatter:
             await deltas.aclose()  # type: ignore[attr-defined]
         choices = []
         for i in range(n):
-            c: dict[str, Any] = {"index": i, "finish_reason": finish[i], "stop_reason": stop[i],
-                                 "logprobs": _join_logprobs(lps[i], self.kind)}
+            c: dict[str, Any] = {
+                "index": i,
+                "finish_reason": finish[i],
+                "stop_reason": stop[i],
+                "logprobs": _join_logprobs(lps[i], self.kind),
+            }
             if self.kind == "chat":
                 c["message"] = {"role": "assistant", "content": texts[i]}
             else:
@@ -360,8 +421,14 @@ class _Formatter:
             if self.token_ids:
                 c["token_ids"] = ids[i]
             choices.append(c)
-        body = {"id": self.rid, "object": self.obj, "created": self.created, "model": self.model,
-                "choices": choices, "usage": usage.body()}
+        body = {
+            "id": self.rid,
+            "object": self.obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": usage.body(),
+        }
         if self.truncated:
             body["truncated"] = True
         return body
@@ -375,7 +442,9 @@ def _texts(messages: list[dict[str, Any]]) -> list[str]:
         if isinstance(c, str):
             out.append(c)
         elif isinstance(c, list):
-            out.extend(p["text"] for p in c if isinstance(p, dict) and isinstance(p.get("text"), str))
+            out.extend(
+                p["text"] for p in c if isinstance(p, dict) and isinstance(p.get("text"), str)
+            )
     return out
 
 

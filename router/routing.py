@@ -92,9 +92,13 @@ class PrefixRouter:
     def root(self, namespace: str) -> bytes:
         r = self._roots.get(namespace)
         if r is None:
-            ident = CacheIdentity(namespace, self.identity.tokenizer_hash,
-                                  self.identity.model_fingerprint, self.identity.kv_dtype,
-                                  self.identity.cache_salt)
+            ident = CacheIdentity(
+                namespace,
+                self.identity.tokenizer_hash,
+                self.identity.model_fingerprint,
+                self.identity.kv_dtype,
+                self.identity.cache_salt,
+            )
             r = self._roots[namespace] = ident.root()
         return r
 
@@ -110,7 +114,9 @@ class PrefixRouter:
                 log.debug("prefix directory lookup failed (%s); using the local index", exc)
         return self.local.overlap(hashes)
 
-    def _choose(self, cands: list[WorkerLoad], overlap: dict[str, int], n_blocks: int) -> WorkerLoad:
+    def _choose(
+        self, cands: list[WorkerLoad], overlap: dict[str, int], n_blocks: int
+    ) -> WorkerLoad:
         if len(cands) == 1:
             return cands[0]
         max_queue = max(w.num_running + 2 * w.num_waiting for w in cands)
@@ -137,8 +143,9 @@ class PrefixRouter:
         prefill = [w for w in ready if w.serves_prefill]
         decode = [w for w in ready if w.serves_decode]
         if len(prefill) <= 1 and len(decode) <= 1:
-            return Route(prefill[0].worker_id if prefill else None,
-                         decode[0].worker_id if decode else None)
+            return Route(
+                prefill[0].worker_id if prefill else None, decode[0].worker_id if decode else None
+            )
         root = self.root(namespace)
         hashes = block_hashes(root, list(prompt_ids), self.block_size)
         overlap = await self._overlap(root, hashes)

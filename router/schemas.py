@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
 from baton.router.errors import APIError, bad_request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class _Req(BaseModel):
@@ -68,11 +67,18 @@ class _Sampling(_Req):
         return dict(
             max_tokens=self.max_tokens or default_max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, seed=self.seed, stop=stop,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            seed=self.seed,
+            stop=stop,
             stop_token_ids=tuple(self.stop_token_ids or ()),
-            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty, ignore_eos=self.ignore_eos,
-            min_tokens=self.min_tokens, skip_special_tokens=self.skip_special_tokens,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens,
+            skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
         )
 
@@ -87,8 +93,11 @@ class CompletionRequest(_Sampling):
         p = self.prompt
         if isinstance(p, list) and p and isinstance(p[0], (str, list)):
             if len(p) != 1:
-                raise bad_request("batched prompts are not supported; send one prompt per request "
-                                  "(use n for several completions)", "prompt")
+                raise bad_request(
+                    "batched prompts are not supported; send one prompt per request "
+                    "(use n for several completions)",
+                    "prompt",
+                )
             return p[0]  # type: ignore[return-value]
         return p  # type: ignore[return-value]
 
@@ -132,5 +141,6 @@ def parse_body(raw: bytes, model: type[_Req]) -> Any:
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]) or None
-        raise APIError(400, f"invalid field {loc}: {first['msg']}", param=loc,
-                       code="invalid_value") from None
+        raise APIError(
+            400, f"invalid field {loc}: {first['msg']}", param=loc, code="invalid_value"
+        ) from None

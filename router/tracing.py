@@ -13,11 +13,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from opentelemetry.trace import SpanKind
-
 from baton.cluster import tracing
 from baton.cluster.tracing import setup_tracing  # noqa: F401 - the router's entry point too
 from baton.workers.sampling_params import SamplingParams
+from opentelemetry.trace import SpanKind
 
 OPERATION = {"chat": "chat", "completions": "text_completion", "grpc": "text_completion"}
 
@@ -25,9 +24,17 @@ OPERATION = {"chat": "chat", "completions": "text_completion", "grpc": "text_com
 class RequestTrace:
     """Spans of one admitted-or-refused sequence; ``open`` gives None when tracing is off."""
 
-    def __init__(self, incoming: dict[str, str], model: str, tenant: str, route: str,
-                 request_id: str, prompt_tokens: int, params: SamplingParams,
-                 block_size: int) -> None:
+    def __init__(
+        self,
+        incoming: dict[str, str],
+        model: str,
+        tenant: str,
+        route: str,
+        request_id: str,
+        prompt_tokens: int,
+        params: SamplingParams,
+        block_size: int,
+    ) -> None:
         self._t = tracing.tracer()
         self.block_size = block_size
         attrs: dict[str, Any] = {
@@ -44,8 +51,9 @@ class RequestTrace:
         }
         if params.seed is not None:
             attrs["gen_ai.request.seed"] = int(params.seed)
-        self.span = self._t.start_span("request", context=tracing.extract(incoming),
-                                       kind=SpanKind.SERVER, attributes=attrs)
+        self.span = self._t.start_span(
+            "request", context=tracing.extract(incoming), kind=SpanKind.SERVER, attributes=attrs
+        )
         self.ctx = tracing.context_with(self.span)
         self._admission: Any | None = None
         self._ended = False
@@ -61,16 +69,20 @@ class RequestTrace:
     def admission_started(self) -> None:
         self._admission = self._t.start_span("admission", context=self.ctx)
 
-    def admission_done(self, queue_time_s: float, predicted: int | None,
-                       error: BaseException | None = None) -> None:
+    def admission_done(
+        self, queue_time_s: float, predicted: int | None, error: BaseException | None = None
+    ) -> None:
         span = self._admission
         if span is None:
             return
         now = time.time_ns()
         if queue_time_s > 0:
-            q = self._t.start_span("queue", context=tracing.context_with(span),
-                                   start_time=now - int(queue_time_s * 1e9),
-                                   attributes={"baton.queue": "router_admission"})
+            q = self._t.start_span(
+                "queue",
+                context=tracing.context_with(span),
+                start_time=now - int(queue_time_s * 1e9),
+                attributes={"baton.queue": "router_admission"},
+            )
             q.end(end_time=now)
         span.set_attribute("baton.admission.queue_seconds", queue_time_s)
         if predicted is not None:
@@ -91,8 +103,15 @@ class RequestTrace:
     def first_token(self) -> None:
         self.span.add_event("first_token")
 
-    def finish(self, reason: str, *, prompt_tokens: int, cached_tokens: int, output_tokens: int,
-               error: str | None = None) -> None:
+    def finish(
+        self,
+        reason: str,
+        *,
+        prompt_tokens: int,
+        cached_tokens: int,
+        output_tokens: int,
+        error: str | None = None,
+    ) -> None:
         if self._ended:
             return
         self._ended = True

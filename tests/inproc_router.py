@@ -64,7 +64,6 @@ class InprocRouter:
 @contextlib.contextmanager
 def inproc_router(args: dict[str, Any], *, log_level: str = "warning") -> Iterator[InprocRouter]:
     import uvicorn
-
     from baton.cluster.serve_config import ServeConfig
     from baton.router.app import build_core
     from baton.router.grpc_server import start_grpc_server
@@ -81,8 +80,9 @@ def inproc_router(args: dict[str, Any], *, log_level: str = "warning") -> Iterat
     core = on_loop(build_core(config))
     app = create_app(core)
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level=log_level,
-                                           lifespan="off"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level=log_level, lifespan="off")
+    )
     serving = asyncio.run_coroutine_threadsafe(server.serve(), loop)
     grpc_server, grpc_port = on_loop(start_grpc_server(core, "127.0.0.1", 0))
     base = f"http://127.0.0.1:{port}"

@@ -62,4 +62,7 @@ class AdmissionPolicy:
 
     def can_admit(self, committed_blocks: int, new_tokens: int, new_predicted: int) -> bool:
         """``committed_blocks``: sum of ``projected_blocks`` over running sequences."""
-        return committed_blocks + self.projected_blocks(new_tokens, new_predicted) <= self.budget_blocks
+        return (
+            committed_blocks + self.projected_blocks(new_tokens, new_predicted)
+            <= self.budget_blocks
+        )

@@ -39,21 +39,46 @@ class CacheConfig:
     eviction_window: int = 1024
 
     def __post_init__(self) -> None:
-        _require(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128, 256), "block_size", self.block_size,
-                 "must be a power of two in [1, 256]")
-        _require(self.num_kv_blocks is None or self.num_kv_blocks >= 2, "num_kv_blocks",
-                 self.num_kv_blocks, "must be >= 2")
-        _require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization",
-                 self.gpu_memory_utilization, "must be in (0, 1]")
-        _require(self.kv_cache_dtype in ("auto", "float16", "bfloat16", "float32", "fp8", "fp8_e4m3"),
-                 "kv_cache_dtype", self.kv_cache_dtype,
-                 "must be auto, float16, bfloat16, float32 or fp8")
-        _require(self.swap_space_bytes >= 0, "swap_space_bytes", self.swap_space_bytes, "must be >= 0")
-        _require(self.kv_eviction in ("none", "sink_window"), "kv_eviction", self.kv_eviction,
-                 "must be 'none' or 'sink_window'")
+        _require(
+            self.block_size in (1, 2, 4, 8, 16, 32, 64, 128, 256),
+            "block_size",
+            self.block_size,
+            "must be a power of two in [1, 256]",
+        )
+        _require(
+            self.num_kv_blocks is None or self.num_kv_blocks >= 2,
+            "num_kv_blocks",
+            self.num_kv_blocks,
+            "must be >= 2",
+        )
+        _require(
+            0 < self.gpu_memory_utilization <= 1,
+            "gpu_memory_utilization",
+            self.gpu_memory_utilization,
+            "must be in (0, 1]",
+        )
+        _require(
+            self.kv_cache_dtype in ("auto", "float16", "bfloat16", "float32", "fp8", "fp8_e4m3"),
+            "kv_cache_dtype",
+            self.kv_cache_dtype,
+            "must be auto, float16, bfloat16, float32 or fp8",
+        )
+        _require(
+            self.swap_space_bytes >= 0, "swap_space_bytes", self.swap_space_bytes, "must be >= 0"
+        )
+        _require(
+            self.kv_eviction in ("none", "sink_window"),
+            "kv_eviction",
+            self.kv_eviction,
+            "must be 'none' or 'sink_window'",
+        )
         _require(self.num_sink_tokens >= 0, "num_sink_tokens", self.num_sink_tokens, "must be >= 0")
-        _require(self.eviction_window >= self.block_size, "eviction_window", self.eviction_window,
-                 f"must be >= block_size ({self.block_size})")
+        _require(
+            self.eviction_window >= self.block_size,
+            "eviction_window",
+            self.eviction_window,
+            f"must be >= block_size ({self.block_size})",
+        )
 
 
 @dataclass(frozen=True)
@@ -62,7 +87,9 @@ class SchedulerConfig:
 
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
-    long_prefill_token_threshold: int | None = None  # cap one prompt's chunk per step (None: budget)
+    long_prefill_token_threshold: int | None = (
+        None  # cap one prompt's chunk per step (None: budget)
+    )
     enable_chunked_prefill: bool = True
     # recompute | swap (to CacheConfig.swap_space_bytes of host memory; recompute when it is full) |
     # auto (swap when the sequence has at least ``swap_min_tokens`` computed: cheaper than recomputing)
@@ -74,15 +101,31 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         _require(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, "must be >= 1")
-        _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens",
-                 self.max_num_batched_tokens, "must be >= 1")
-        _require(self.preemption_mode in ("recompute", "swap", "auto"), "preemption_mode",
-                 self.preemption_mode, "must be 'recompute', 'swap' or 'auto'")
+        _require(
+            self.max_num_batched_tokens >= 1,
+            "max_num_batched_tokens",
+            self.max_num_batched_tokens,
+            "must be >= 1",
+        )
+        _require(
+            self.preemption_mode in ("recompute", "swap", "auto"),
+            "preemption_mode",
+            self.preemption_mode,
+            "must be 'recompute', 'swap' or 'auto'",
+        )
         _require(self.swap_min_tokens >= 0, "swap_min_tokens", self.swap_min_tokens, "must be >= 0")
-        _require(0 <= self.admission_headroom < 1, "admission_headroom", self.admission_headroom,
-                 "must be in [0, 1)")
-        _require(0 < self.admission_quantile <= 1, "admission_quantile", self.admission_quantile,
-                 "must be in (0, 1]")
+        _require(
+            0 <= self.admission_headroom < 1,
+            "admission_headroom",
+            self.admission_headroom,
+            "must be in [0, 1)",
+        )
+        _require(
+            0 < self.admission_quantile <= 1,
+            "admission_quantile",
+            self.admission_quantile,
+            "must be in (0, 1]",
+        )
 
 
 @dataclass(frozen=True)
@@ -106,17 +149,31 @@ class SpeculativeConfig:
     def __post_init__(self) -> None:
         _require(self.method == "ngram", "speculative.method", self.method, "must be 'ngram'")
         _require(1 <= self.k <= 16, "speculative.k", self.k, "must be in [1, 16]")
-        _require(1 <= self.n_min <= self.n_max, "speculative.n_min", self.n_min,
-                 f"must be in [1, n_max={self.n_max}]")
+        _require(
+            1 <= self.n_min <= self.n_max,
+            "speculative.n_min",
+            self.n_min,
+            f"must be in [1, n_max={self.n_max}]",
+        )
         _require(self.n_max <= 16, "speculative.n_max", self.n_max, "must be <= 16")
-        _require(0 <= self.min_acceptance < 1, "speculative.min_acceptance", self.min_acceptance,
-                 "must be in [0, 1)")
-        _require(0 < self.ema_alpha <= 1, "speculative.ema_alpha", self.ema_alpha,
-                 "must be in (0, 1]")
-        _require(self.warmup_drafts >= 0, "speculative.warmup_drafts", self.warmup_drafts,
-                 "must be >= 0")
-        _require(self.cooldown_steps >= 1, "speculative.cooldown_steps", self.cooldown_steps,
-                 "must be >= 1")
+        _require(
+            0 <= self.min_acceptance < 1,
+            "speculative.min_acceptance",
+            self.min_acceptance,
+            "must be in [0, 1)",
+        )
+        _require(
+            0 < self.ema_alpha <= 1, "speculative.ema_alpha", self.ema_alpha, "must be in (0, 1]"
+        )
+        _require(
+            self.warmup_drafts >= 0, "speculative.warmup_drafts", self.warmup_drafts, "must be >= 0"
+        )
+        _require(
+            self.cooldown_steps >= 1,
+            "speculative.cooldown_steps",
+            self.cooldown_steps,
+            "must be >= 1",
+        )
 
     @classmethod
     def from_value(cls, value: Any) -> SpeculativeConfig | None:
@@ -137,12 +194,16 @@ class EngineConfig:
 
     model: str | None = None
     tokenizer: str | None = None  # defaults to the model directory
-    skip_tokenizer_init: bool = False  # token ids in and out only (benchmarks); no text, no stop strings
+    skip_tokenizer_init: bool = (
+        False  # token ids in and out only (benchmarks); no text, no stop strings
+    )
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     load_format: str = "auto"  # auto | safetensors | dummy
     attention_backend: str = "auto"  # auto (triton on cuda, torch on cpu) | torch | triton
-    enforce_eager: bool = False  # True: no CUDA graphs for decode steps (they need the triton backend)
+    enforce_eager: bool = (
+        False  # True: no CUDA graphs for decode steps (they need the triton backend)
+    )
     max_model_len: int | None = None
     seed: int = 0
     cache: CacheConfig = CacheConfig()
@@ -151,13 +212,33 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "speculative", SpeculativeConfig.from_value(self.speculative))
-        _require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", self.dtype,
-                 "must be auto, float32, bfloat16 or float16")
-        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-                 "device", self.device, "must be auto, cpu, cuda or cuda:N")
-        _require(self.load_format in ("auto", "safetensors", "dummy"), "load_format",
-                 self.load_format, "must be auto, safetensors or dummy")
-        _require(self.attention_backend in ("auto", "torch", "triton"), "attention_backend",
-                 self.attention_backend, "must be auto, torch or triton")
-        _require(self.max_model_len is None or self.max_model_len >= 2, "max_model_len",
-                 self.max_model_len, "must be >= 2")
+        _require(
+            self.dtype in ("auto", "float32", "bfloat16", "float16"),
+            "dtype",
+            self.dtype,
+            "must be auto, float32, bfloat16 or float16",
+        )
+        _require(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            "device",
+            self.device,
+            "must be auto, cpu, cuda or cuda:N",
+        )
+        _require(
+            self.load_format in ("auto", "safetensors", "dummy"),
+            "load_format",
+            self.load_format,
+            "must be auto, safetensors or dummy",
+        )
+        _require(
+            self.attention_backend in ("auto", "torch", "triton"),
+            "attention_backend",
+            self.attention_backend,
+            "must be auto, torch or triton",
+        )
+        _require(
+            self.max_model_len is None or self.max_model_len >= 2,
+            "max_model_len",
+            self.max_model_len,
+            "must be >= 2",
+        )

@@ -18,7 +18,6 @@ import logging
 from dataclasses import dataclass
 
 import torch
-
 from baton.kernels.attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -117,8 +116,12 @@ class DecodeGraphs:
         for i, t in enumerate(block_tables):
             table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
         host = torch.tensor(
-            [input_ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad,
-             seq_lens + [0] * pad],
+            [
+                input_ids + [0] * pad,
+                positions + [0] * pad,
+                slots + [-1] * pad,
+                seq_lens + [0] * pad,
+            ],
             dtype=torch.int64,
         ).pin_memory()
         dev = host.to(self.device, non_blocking=True)

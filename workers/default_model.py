@@ -125,7 +125,8 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
 
     gen = GenerationConfig(
         bos_token_id=config.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None
+        eos_token_id=tokenizer.eos_token_id
+        if tokenizer.eos_token_id is not None
         else config.eos_token_id,
         pad_token_id=getattr(config, "pad_token_id", None),
     )

@@ -24,7 +24,9 @@ class IncrementalDetokenizer:
     _emitted: int = 0
 
     @classmethod
-    def start(cls, tokenizer: Any, prompt_token_ids: list[int], params: Any) -> IncrementalDetokenizer:
+    def start(
+        cls, tokenizer: Any, prompt_token_ids: list[int], params: Any
+    ) -> IncrementalDetokenizer:
         """Seed the window with the prompt's tail so the first token decodes with its leading space."""
         tail = list(prompt_token_ids[-5:])
         det = cls(

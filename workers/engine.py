@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-
 from baton.kernels.attention import LayerAttentionParams, get_backend
 from baton.workers.block_hash import CacheIdentity
 from baton.workers.block_pool import BlockPool
@@ -97,10 +96,9 @@ def resolve_device(name: str) -> torch.device:
 
 class EngineCore:
     def __init__(self, config: EngineConfig, *, worker_id: str = "engine") -> None:
-        from transformers import AutoTokenizer
-
         from baton.workers import identity
         from baton.workers.model_loader import load_model
+        from transformers import AutoTokenizer
 
         self.config = config
         self.worker_id = worker_id
@@ -143,9 +141,14 @@ class EngineCore:
         bs = config.cache.block_size
         num_blocks = self._num_blocks(block_bytes(self.spec, bs, self.kv_dtype))
         self.runner = ModelRunner(
-            self.model, self.device, num_blocks, bs, self.kv_dtype,
+            self.model,
+            self.device,
+            num_blocks,
+            bs,
+            self.kv_dtype,
             cuda_graphs=not config.enforce_eager and backend_name == "triton",
-            max_num_seqs=config.scheduler.max_num_seqs, max_model_len=self.max_model_len,
+            max_num_seqs=config.scheduler.max_num_seqs,
+            max_model_len=self.max_model_len,
         )
         self.pool = BlockPool(num_blocks, bs, config.cache.enable_prefix_caching)
         self.tokenizer_hash = (
@@ -174,14 +177,20 @@ class EngineCore:
                 self.swap = SwapSpace(self.runner, host_blocks)
                 host_pool = HostBlockAllocator(host_blocks)
         self.scheduler = Scheduler(
-            config.scheduler, self.pool, self.identity, self.max_model_len,
-            eviction=self.eviction, host_pool=host_pool,
+            config.scheduler,
+            self.pool,
+            self.identity,
+            self.max_model_len,
+            eviction=self.eviction,
+            host_pool=host_pool,
         )
         self.spec_decoder = (
             SpecDecoder(config.speculative) if config.speculative is not None else None
         )
         tok_eos = getattr(self.tokenizer, "eos_token_id", None)
-        self.eos_token_ids = frozenset(self.spec.eos_token_ids) | ({tok_eos} if tok_eos is not None else set())
+        self.eos_token_ids = frozenset(self.spec.eos_token_ids) | (
+            {tok_eos} if tok_eos is not None else set()
+        )
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._pending: list[RequestOutput] = []
@@ -189,7 +198,13 @@ class EngineCore:
         self.kv_bytes_received = 0
         log.info(
             "engine %s: model=%s device=%s backend=%s blocks=%d x %d tokens kv_dtype=%s",
-            worker_id, model_path, self.device, backend_name, num_blocks - 1, bs, self.kv_dtype,
+            worker_id,
+            model_path,
+            self.device,
+            backend_name,
+            num_blocks - 1,
+            bs,
+            self.kv_dtype,
         )
 
     def _setup_eviction(self) -> EvictionPolicy | None:
@@ -248,7 +263,9 @@ class EngineCore:
             raise ContextLengthError(n, params.max_tokens, self.max_model_len)
         mode = params.extra.get("kv_eviction") if params.extra else None
         if mode not in (None, "none", "sink_window"):
-            raise ValueError(f"invalid sampling parameter kv_eviction={mode!r}: none or sink_window")
+            raise ValueError(
+                f"invalid sampling parameter kv_eviction={mode!r}: none or sink_window"
+            )
         if mode == "sink_window" and self.eviction is None:
             raise ValueError(
                 "kv_eviction=sink_window needs an engine started with "
@@ -268,7 +285,9 @@ class EngineCore:
             )
         vocab = self.spec.vocab_size
         if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer (the engine runs with skip_tokenizer_init)")
+            raise ValueError(
+                "stop strings need a tokenizer (the engine runs with skip_tokenizer_init)"
+            )
         bad = next((t for t in prompt_token_ids if not 0 <= int(t) < vocab), None)
         if bad is not None:
             raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
@@ -308,7 +327,9 @@ class EngineCore:
             prefill_only=prefill_only,
             generator=gen,
         )
-        req.exact_context = self.eviction is not None and (params.extra or {}).get("kv_eviction") == "none"
+        req.exact_context = (
+            self.eviction is not None and (params.extra or {}).get("kv_eviction") == "none"
+        )
         if self.tokenizer is not None:
             self._detok[request_id] = IncrementalDetokenizer.start(
                 self.tokenizer, req.prompt_token_ids, params
@@ -404,7 +425,9 @@ class EngineCore:
         for c in sched.chunks:
             req = self.scheduler.requests[c.request_id]
             if c.start < req.num_prompt_tokens:
-                self.prompt_tokens_computed += min(c.start + c.num_tokens, req.num_prompt_tokens) - c.start
+                self.prompt_tokens_computed += (
+                    min(c.start + c.num_tokens, req.num_prompt_tokens) - c.start
+                )
         new_tokens = self._sample(logits, sampling)
         touched = self.scheduler.update(sched, new_tokens)
         for req in touched:
@@ -434,7 +457,9 @@ class EngineCore:
         out: dict[str, list[int]] = {}
         if plain:
             rows_logits = logits if len(plain) == off else logits[[offsets[i] for i in plain]]
-            tokens, logprobs = sample(rows_logits, [self._row(reqs[i]) for i in plain], self.generator)
+            tokens, logprobs = sample(
+                rows_logits, [self._row(reqs[i]) for i in plain], self.generator
+            )
             for i, t, lp in zip(plain, tokens, logprobs):
                 out[reqs[i].request_id] = [t]
                 if lp is not None:
@@ -607,7 +632,9 @@ class EngineCore:
 
     def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
         """Token ids of a chat conversation through the tokenizer's chat template."""
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True
+        )
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return list(ids)

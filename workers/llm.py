@@ -72,7 +72,9 @@ class LLM:
     def encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("text prompts need a tokenizer (skip_tokenizer_init=True was given)")
+                raise ValueError(
+                    "text prompts need a tokenizer (skip_tokenizer_init=True was given)"
+                )
             return list(self.tokenizer.encode(prompt))
         return [int(t) for t in prompt]
 
@@ -104,7 +106,9 @@ class LLM:
             children = []
             for j in range(p.n):
                 rid = f"llm-{next(self._ids)}"
-                child = p if p.n == 1 else replace(p, n=1, seed=None if p.seed is None else p.seed + j)
+                child = (
+                    p if p.n == 1 else replace(p, n=1, seed=None if p.seed is None else p.seed + j)
+                )
                 self.engine.add_request(rid, ids, child)
                 children.append(rid)
             plan.append(children)

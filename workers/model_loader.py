@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from baton.kernels.attention import AttentionBackend
 from baton.workers.models.llama import (
     ARCHITECTURES,

@@ -10,7 +10,6 @@ import logging
 from typing import Any
 
 import torch
-
 from baton.kernels.attention import AttentionMetadata
 from baton.workers.scheduler import SchedulerOutput
 
@@ -66,7 +65,9 @@ class ModelRunner:
         if cuda_graphs and device.type == "cuda":
             from baton.workers.cuda_graphs import DecodeGraphs
 
-            self.graphs = DecodeGraphs(model, self.kv_cache, block_size, max_num_seqs, max_model_len)
+            self.graphs = DecodeGraphs(
+                model, self.kv_cache, block_size, max_num_seqs, max_model_len
+            )
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> torch.Tensor:
@@ -104,7 +105,9 @@ class ModelRunner:
                 self.graph_failures += 1
                 return self.execute(out)
         else:
-            meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.block_size, self.device)
+            meta = AttentionMetadata.build(
+                query_lens, seq_lens, tables, self.block_size, self.device
+            )
             ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
             pos = torch.tensor(positions, dtype=torch.long, device=self.device)
             hidden = self.model.forward(ids, pos, self.kv_cache, meta)  # [T, hidden]

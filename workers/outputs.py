@@ -21,7 +21,9 @@ class FinishReason(str, Enum):
 class TokenLogprob:
     token_id: int
     logprob: float
-    top: dict[int, float] = field(default_factory=dict)  # top-n alternatives (incl. the token itself)
+    top: dict[int, float] = field(
+        default_factory=dict
+    )  # top-n alternatives (incl. the token itself)
 
 
 @dataclass
@@ -50,7 +52,11 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_preemptions: int = 0
     error: str | None = None  # set with finish_reason "error"
-    metrics: dict[str, float] = field(default_factory=dict)  # arrival/first-token/finish times (monotonic)
+    metrics: dict[str, float] = field(
+        default_factory=dict
+    )  # arrival/first-token/finish times (monotonic)
     prefill_chunks: list[tuple[float, int]] = field(default_factory=list)  # (monotonic end, tokens)
-    kv_evicted: bool = False  # sink-window eviction dropped middle tokens' KV (attention is windowed)
+    kv_evicted: bool = (
+        False  # sink-window eviction dropped middle tokens' KV (attention is windowed)
+    )
     num_evicted_tokens: int = 0

@@ -8,7 +8,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-
 from baton.workers.outputs import TokenLogprob
 from baton.workers.sampling_params import SamplingParams
 

@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-
-from baton.workers.messages import GenerateDelta
 from baton.workers.engine import EngineCore
 from baton.workers.kv_handle import (
     KV_LAYOUT,
@@ -35,6 +33,7 @@ from baton.workers.kv_handle import (
     dtype_name,
     kv_checksum,
 )
+from baton.workers.messages import GenerateDelta
 from baton.workers.outputs import RequestOutput, TokenLogprob
 from baton.workers.sampling_params import SamplingParams
 
@@ -145,7 +144,9 @@ class EngineLoop:
         self._sinks: dict[str, Sink] = {}
         self._tickers: list[Callable[[], None]] = []
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"engine-{engine.worker_id}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"engine-{engine.worker_id}", daemon=True
+        )
         self._thread.start()
 
     def add_ticker(self, fn: Callable[[], None]) -> None:
@@ -260,7 +261,9 @@ class PrefillRole:
                 result.set_exception(exc)
 
         def add(eng: EngineCore) -> None:
-            eng.add_request(request_id, prompt_token_ids, params, namespace=namespace, prefill_only=True)
+            eng.add_request(
+                request_id, prompt_token_ids, params, namespace=namespace, prefill_only=True
+            )
             self.loop.register(request_id, sink)
 
         added = self.loop.call(add)
@@ -271,10 +274,19 @@ class PrefillRole:
         comp = out.outputs[0]
         first = comp.token_ids[0] if comp.token_ids else None
         first_lp = comp.logprobs[0] if comp.logprobs else None
-        if out.finished and comp.finish_reason is not None:  # ended at its first token, or error/abort
-            return PrefillResult(out.request_id, first, first_lp, None,
-                                 to_delta(out, self.worker_id), out.num_cached_tokens,
-                                 dict(out.metrics), tuple(out.prefill_chunks))
+        if (
+            out.finished and comp.finish_reason is not None
+        ):  # ended at its first token, or error/abort
+            return PrefillResult(
+                out.request_id,
+                first,
+                first_lp,
+                None,
+                to_delta(out, self.worker_id),
+                out.num_cached_tokens,
+                dict(out.metrics),
+                tuple(out.prefill_chunks),
+            )
         eng = self.loop.engine
         blocks = eng.held_blocks(out.request_id)
         buffer = eng.export_kv(out.request_id)  # [L, 2, n, bs, H, D]
@@ -293,8 +305,16 @@ class PrefillRole:
         )
         with self._lock:
             self._held[out.request_id] = (handle, buffer)
-        return PrefillResult(out.request_id, first, first_lp, handle, None, out.num_cached_tokens,
-                             dict(out.metrics), tuple(out.prefill_chunks))
+        return PrefillResult(
+            out.request_id,
+            first,
+            first_lp,
+            handle,
+            None,
+            out.num_cached_tokens,
+            dict(out.metrics),
+            tuple(out.prefill_chunks),
+        )
 
     def buffer_for(self, request_id: str) -> tuple[KVHandle, torch.Tensor] | None:
         """The held export if its lease is still valid (any thread; transports call this)."""
@@ -355,7 +375,9 @@ class DeltaStream:
     def poll(self, max_wait_s: float) -> list[GenerateDelta]:
         """Whatever is ready, waiting at most ``max_wait_s`` for the first delta."""
         try:
-            items = [self.queue.get(timeout=max_wait_s) if max_wait_s > 0 else self.queue.get_nowait()]
+            items = [
+                self.queue.get(timeout=max_wait_s) if max_wait_s > 0 else self.queue.get_nowait()
+            ]
         except queue.Empty:
             return []
         while True:
@@ -407,8 +429,13 @@ class DecodeRole:
         def add(eng: EngineCore) -> bool:
             if output_token_ids:
                 placed = eng.add_prefilled_request(
-                    request_id, prompt_token_ids, output_token_ids, params, kv,
-                    namespace=namespace, num_cached_tokens=num_cached_tokens,
+                    request_id,
+                    prompt_token_ids,
+                    output_token_ids,
+                    params,
+                    kv,
+                    namespace=namespace,
+                    num_cached_tokens=num_cached_tokens,
                 )
             else:
                 eng.add_request(request_id, prompt_token_ids, params, namespace=namespace)
@@ -451,8 +478,9 @@ class DecodeRole:
 class ColocatedRole:
     """Prefill and decode on one engine: ``prefill``/``ack`` and ``start``/``abort`` share its blocks."""
 
-    def __init__(self, loop: EngineLoop, *, lease_s: float = 30.0,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, loop: EngineLoop, *, lease_s: float = 30.0, clock: Callable[[], float] = time.time
+    ) -> None:
         self.loop = loop
         self.prefill_role = PrefillRole(loop, lease_s=lease_s, clock=clock)
         self.decode_role = DecodeRole(loop)

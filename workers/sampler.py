@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-
 from baton.workers.outputs import TokenLogprob
 from baton.workers.sampling_params import SamplingParams
 
@@ -97,7 +96,9 @@ def sample(
     if raw_logprobs is not None:
         for i, row in enumerate(rows):
             if want_logprobs[i]:
-                out_logprobs[i] = _token_logprob(raw_logprobs[i], tokens[i], row.params.logprobs or 0)
+                out_logprobs[i] = _token_logprob(
+                    raw_logprobs[i], tokens[i], row.params.logprobs or 0
+                )
     return tokens, out_logprobs
 
 

@@ -48,25 +48,63 @@ class SamplingParams:
             self.max_tokens,
             "must be an integer >= 1",
         )
-        _check(_finite(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
-               "must be a finite number >= 0")
-        _check(_finite(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
-        _check(isinstance(self.top_k, int) and (self.top_k >= 1 or self.top_k in (0, -1)), "top_k",
-               self.top_k, "must be -1/0 (disabled) or an integer >= 1")
-        _check(_finite(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "must be in [0, 1]")
-        _check(_finite(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
-               self.repetition_penalty, "must be a finite number > 0")
-        _check(_finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
-               "frequency_penalty", self.frequency_penalty, "must be in [-2, 2]")
-        _check(_finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
-               "presence_penalty", self.presence_penalty, "must be in [-2, 2]")
-        _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
-               "logprobs", self.logprobs, "must be an integer in [0, 20]")
-        _check(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
-               "min_tokens", self.min_tokens, f"must be in [0, max_tokens={self.max_tokens}]")
-        _check(self.seed is None or isinstance(self.seed, int), "seed", self.seed, "must be an integer")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop,
-               "must be non-empty strings")
+        _check(
+            _finite(self.temperature) and self.temperature >= 0,
+            "temperature",
+            self.temperature,
+            "must be a finite number >= 0",
+        )
+        _check(
+            _finite(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]"
+        )
+        _check(
+            isinstance(self.top_k, int) and (self.top_k >= 1 or self.top_k in (0, -1)),
+            "top_k",
+            self.top_k,
+            "must be -1/0 (disabled) or an integer >= 1",
+        )
+        _check(
+            _finite(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "must be in [0, 1]"
+        )
+        _check(
+            _finite(self.repetition_penalty) and self.repetition_penalty > 0,
+            "repetition_penalty",
+            self.repetition_penalty,
+            "must be a finite number > 0",
+        )
+        _check(
+            _finite(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+            "frequency_penalty",
+            self.frequency_penalty,
+            "must be in [-2, 2]",
+        )
+        _check(
+            _finite(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+            "presence_penalty",
+            self.presence_penalty,
+            "must be in [-2, 2]",
+        )
+        _check(
+            self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+            "logprobs",
+            self.logprobs,
+            "must be an integer in [0, 20]",
+        )
+        _check(
+            isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
+            "min_tokens",
+            self.min_tokens,
+            f"must be in [0, max_tokens={self.max_tokens}]",
+        )
+        _check(
+            self.seed is None or isinstance(self.seed, int), "seed", self.seed, "must be an integer"
+        )
+        _check(
+            all(isinstance(s, str) and s for s in self.stop),
+            "stop",
+            self.stop,
+            "must be non-empty strings",
+        )
 
     @property
     def greedy(self) -> bool:

@@ -40,7 +40,9 @@ class ScheduledChunk:
     token_ids: tuple[int, ...]
     block_ids: tuple[int, ...]  # the request's block table after allocation
     sample: bool  # the chunk reaches the last known token: sample the next one
-    num_draft: int = 0  # trailing drafted tokens in token_ids: logits at the last num_draft + 1 rows
+    num_draft: int = (
+        0  # trailing drafted tokens in token_ids: logits at the last num_draft + 1 rows
+    )
 
     @property
     def num_tokens(self) -> int:
@@ -201,8 +203,11 @@ class Scheduler:
         swap_out, swap_in = tuple(self._swap_out), tuple(self._swap_in)
         self._swap_out, self._swap_in = [], []
         return SchedulerOutput(
-            tuple(chunks), tuple(preempted), self.config.max_num_batched_tokens - budget,
-            swap_out, swap_in,
+            tuple(chunks),
+            tuple(preempted),
+            self.config.max_num_batched_tokens - budget,
+            swap_out,
+            swap_in,
         )
 
     def _fit_draft(self, req: Request, num_new: int, budget: int) -> tuple[int, ...]:
@@ -373,9 +378,7 @@ class Scheduler:
         return hits
 
     # -- after execution ------------------------------------------------------------------------
-    def update(
-        self, out: SchedulerOutput, sampled: dict[str, list[int]]
-    ) -> list[Request]:
+    def update(self, out: SchedulerOutput, sampled: dict[str, list[int]]) -> list[Request]:
         """Advance computed tokens, append sampled tokens, publish full blocks; returns touched requests.
 
         A chunk with drafts gets 1 + a tokens (a accepted drafts plus one); the rejected drafts' KV is
@@ -397,7 +400,9 @@ class Scheduler:
             tokens = [tokens] if isinstance(tokens, int) else list(tokens)
             accepted = len(tokens) - 1
             if not 0 <= accepted <= chunk.num_draft:
-                raise ValueError(f"{req.request_id}: {len(tokens)} tokens for {chunk.num_draft} drafts")
+                raise ValueError(
+                    f"{req.request_id}: {len(tokens)} tokens for {chunk.num_draft} drafts"
+                )
             req.num_computed_tokens += chunk.num_tokens - (chunk.num_draft - accepted)
             req.output_token_ids.extend(tokens)
             if chunk.num_draft:
@@ -433,8 +438,13 @@ class Scheduler:
             )
         req.num_published_blocks = max(req.num_published_blocks, full)
 
-    def finish(self, request_id: str, status: RequestStatus, stop_reason: str | int | None = None,
-               error: str | None = None) -> Request | None:
+    def finish(
+        self,
+        request_id: str,
+        status: RequestStatus,
+        stop_reason: str | int | None = None,
+        error: str | None = None,
+    ) -> Request | None:
         """End a request exactly once: free (or, for prefill-only, hold) its blocks."""
         req = self.requests.get(request_id)
         if req is None or req.status.finished:
@@ -457,7 +467,10 @@ class Scheduler:
             self.pool.free(req.live_block_ids)
             req.block_ids = []
         req.status = status
-        if status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH) and not req.prefill_only:
+        if (
+            status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH)
+            and not req.prefill_only
+        ):
             self.predictor.observe(req.namespace, req.num_output_tokens)
         del self.requests[request_id]
         return req

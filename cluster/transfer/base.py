@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import torch
-
 from baton.workers.kv_handle import KVHandle, torch_dtype
 
 log = logging.getLogger(__name__)
@@ -136,7 +135,9 @@ class KVTransport(ABC):
         except TransferError:
             raise
         except Exception as exc:  # noqa: BLE001 - every transport failure means "recompute"
-            raise TransferError(f"{self.name} receive of {handle.request_id!r} failed: {exc}") from exc
+            raise TransferError(
+                f"{self.name} receive of {handle.request_id!r} failed: {exc}"
+            ) from exc
         if f.corrupt_next > 0:
             f.corrupt_next -= 1
             flat = buf.view(torch.uint8).view(-1)

@@ -9,15 +9,19 @@ from __future__ import annotations
 import pickle
 
 import torch
-
 from baton.cluster.transfer.base import KVTransport, TransferError, TransportCaps
 from baton.workers.kv_handle import KVHandle, dtype_name
 
 
 class CudaIpcTransport(KVTransport):
     name = "cuda_ipc"
-    caps = TransportCaps(same_host_only=True, needs_pair_group=False, device_buffers=True,
-                         source_serves=False, exports_payload=True)
+    caps = TransportCaps(
+        same_host_only=True,
+        needs_pair_group=False,
+        device_buffers=True,
+        source_serves=False,
+        exports_payload=True,
+    )
 
     def __init__(self, **kw) -> None:
         super().__init__(**kw)

@@ -8,7 +8,6 @@ from concurrent import futures
 
 import grpc
 import torch
-
 from baton.cluster.transfer.base import KVTransport, TransferError, TransportCaps
 from baton.workers.kv_handle import KVHandle, torch_dtype
 
@@ -26,8 +25,13 @@ def _stubs():
 
 class GrpcTransport(KVTransport):
     name = "grpc"
-    caps = TransportCaps(same_host_only=False, needs_pair_group=False, device_buffers=False,
-                         source_serves=True, exports_payload=False)
+    caps = TransportCaps(
+        same_host_only=False,
+        needs_pair_group=False,
+        device_buffers=False,
+        source_serves=True,
+        exports_payload=False,
+    )
 
     def __init__(self, *, chunk_bytes: int = CHUNK_BYTES, **kw) -> None:
         super().__init__(**kw)
@@ -45,8 +49,10 @@ class GrpcTransport(KVTransport):
             def Pull(self, request, context):  # noqa: N802 - gRPC method name
                 held = transport._lookup(request.request_id) if transport._lookup else None
                 if held is None:
-                    context.abort(grpc.StatusCode.NOT_FOUND,
-                                  f"no held KV for {request.request_id!r} (lease expired?)")
+                    context.abort(
+                        grpc.StatusCode.NOT_FOUND,
+                        f"no held KV for {request.request_id!r} (lease expired?)",
+                    )
                 _, buffer = held
                 raw = buffer.detach().contiguous().cpu().view(torch.uint8).reshape(-1).numpy()
                 total = raw.nbytes
@@ -62,7 +68,9 @@ class GrpcTransport(KVTransport):
                         if faults.drop_stream_mode == "truncate":
                             return
                         context.abort(grpc.StatusCode.UNAVAILABLE, "injected: stream dropped")
-                    yield pb2.KVChunk(offset=off, total_bytes=total, data=bytes(view[off:off + step]))
+                    yield pb2.KVChunk(
+                        offset=off, total_bytes=total, data=bytes(view[off : off + step])
+                    )
                 transport._on_sent(total)
 
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
@@ -87,18 +95,23 @@ class GrpcTransport(KVTransport):
         expected = handle.nbytes
         data = bytearray(expected)
         got = 0
-        req = pb2.PullRequest(request_id=handle.request_id, transfer_id=transfer_id,
-                              chunk_bytes=self.chunk_bytes)
+        req = pb2.PullRequest(
+            request_id=handle.request_id, transfer_id=transfer_id, chunk_bytes=self.chunk_bytes
+        )
         try:
             for chunk in stub.Pull(req, timeout=self.timeout_s):
                 if chunk.total_bytes != expected or chunk.offset != got:
-                    raise TransferError(f"unexpected chunk at {chunk.offset} of {chunk.total_bytes}")
-                data[got:got + len(chunk.data)] = chunk.data
+                    raise TransferError(
+                        f"unexpected chunk at {chunk.offset} of {chunk.total_bytes}"
+                    )
+                data[got : got + len(chunk.data)] = chunk.data
                 got += len(chunk.data)
         except grpc.RpcError as exc:
             raise TransferError(f"grpc pull of {handle.request_id!r}: {exc.code().name}") from exc
         if got != expected:
-            raise TransferError(f"grpc pull of {handle.request_id!r} ended at {got}/{expected} bytes")
+            raise TransferError(
+                f"grpc pull of {handle.request_id!r} ended at {got}/{expected} bytes"
+            )
         buf = torch.frombuffer(data, dtype=torch_dtype(handle.dtype)).reshape(handle.shape)
         return buf if self.device.type == "cpu" else buf.to(self.device)
 

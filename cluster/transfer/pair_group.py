@@ -15,7 +15,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-
 from baton.cluster.transfer.base import (
     KVTransport,
     TransferError,
@@ -41,7 +40,10 @@ class PairGroupTransport(KVTransport):
         super().serve(lookup, on_sent)
         port = free_port(self.host)
         self._store = dist.TCPStore(
-            self.host, port, is_master=True, wait_for_workers=False,
+            self.host,
+            port,
+            is_master=True,
+            wait_for_workers=False,
             timeout=timedelta(seconds=self.timeout_s),
         )
         return f"{self.host}:{port}"
@@ -63,8 +65,9 @@ class PairGroupTransport(KVTransport):
             sink_id = peer_id
         else:
             host, port = endpoint.rsplit(":", 1)
-            store = dist.TCPStore(host, int(port), is_master=False,
-                                  timeout=timedelta(seconds=self.timeout_s))
+            store = dist.TCPStore(
+                host, int(port), is_master=False, timeout=timedelta(seconds=self.timeout_s)
+            )
             sink_id = self.worker_id
         prefixed = dist.PrefixStore(f"pair/{sink_id}/{generation}/", store)
         pg = self._make_group(prefixed, rank)
@@ -127,15 +130,25 @@ class PairGroupTransport(KVTransport):
 class GlooTransport(PairGroupTransport):
     name = "gloo"
     backend = "gloo"
-    caps = TransportCaps(same_host_only=False, needs_pair_group=True, device_buffers=False,
-                         source_serves=False, exports_payload=False)
+    caps = TransportCaps(
+        same_host_only=False,
+        needs_pair_group=True,
+        device_buffers=False,
+        source_serves=False,
+        exports_payload=False,
+    )
 
 
 class NcclTransport(PairGroupTransport):
     name = "nccl"
     backend = "nccl"
-    caps = TransportCaps(same_host_only=False, needs_pair_group=True, device_buffers=True,
-                         source_serves=False, exports_payload=False)
+    caps = TransportCaps(
+        same_host_only=False,
+        needs_pair_group=True,
+        device_buffers=True,
+        source_serves=False,
+        exports_payload=False,
+    )
 
     def __init__(self, **kw) -> None:
         super().__init__(**kw)

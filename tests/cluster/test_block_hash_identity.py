@@ -12,14 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
 from baton.cluster.prefix_index import DirectoryConfig, ModelIdentity, PrefixIndex
 from baton.workers.block_hash import CacheIdentity, block_hashes
 from baton.workers.cache_events import CacheEvent
 from baton.workers.identity import DIGEST_CACHE_NAME, model_fingerprint, tokenizer_hash
+from safetensors.numpy import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 BLOCK = 16
 PREAMBLE = (

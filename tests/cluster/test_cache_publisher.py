@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from baton.cluster.cache_publisher import CachePublisher, PublisherConfig, model_identity
 from baton.cluster.prefix_index import DirectoryConfig, PrefixIndex
 from baton.workers.block_hash import block_hashes
@@ -55,14 +54,19 @@ class FakeDirectory:
 
 
 def loop_for(model_dir) -> EngineLoop:
-    cfg = EngineConfig(model=str(model_dir), device="cpu", dtype="float32",
-                       cache=CacheConfig(block_size=16, num_kv_blocks=32))
+    cfg = EngineConfig(
+        model=str(model_dir),
+        device="cpu",
+        dtype="float32",
+        cache=CacheConfig(block_size=16, num_kv_blocks=32),
+    )
     return EngineLoop(EngineCore(cfg, worker_id="decode-0"))
 
 
 def serve_one(loop: EngineLoop, rid: str) -> None:
-    stream = DecodeRole(loop).start(rid, PROMPT, SamplingParams(max_tokens=2, temperature=0.0),
-                                    namespace=NS)
+    stream = DecodeRole(loop).start(
+        rid, PROMPT, SamplingParams(max_tokens=2, temperature=0.0), namespace=NS
+    )
     for _ in range(200):
         if any(d.finish_reason for d in stream.poll(1.0)):
             return
@@ -74,9 +78,14 @@ def test_down_up_and_identity_change(tiny_model_dir, tiny_model_factory) -> None
     directory = FakeDirectory(clock)
     directory.down = True
     loop = loop_for(tiny_model_dir)
-    pub = CachePublisher("decode-0", loop, DirectoryConfig(),
-                         PublisherConfig(max_pending_events=1, retry_interval_s=1.0),
-                         locate=lambda _cfg: directory, clock=clock)
+    pub = CachePublisher(
+        "decode-0",
+        loop,
+        DirectoryConfig(),
+        PublisherConfig(max_pending_events=1, retry_interval_s=1.0),
+        locate=lambda _cfg: directory,
+        clock=clock,
+    )
     try:
         serve_one(loop, "r1")  # the worker serves although the directory is down
         assert asyncio.run(pub.tick()) == 0
@@ -109,8 +118,9 @@ def test_down_up_and_identity_change(tiny_model_dir, tiny_model_factory) -> None
         assert directory.index.counters["purged_identity_change"] >= 2
         assert directory.index.longest_prefix(root, hashes) == {}
         new_root = new.root(NS)
-        assert directory.index.longest_prefix(
-            new_root, block_hashes(new_root, PROMPT, 16)) == {"decode-0": 2}
+        assert directory.index.longest_prefix(new_root, block_hashes(new_root, PROMPT, 16)) == {
+            "decode-0": 2
+        }
     finally:
         loop.stop()
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from baton.cluster import actors
 from baton.cluster.actors import DecodeWorker
 from baton.cluster.pool_config import PoolConfig
@@ -30,10 +29,21 @@ def no_ray(monkeypatch) -> None:
 
 
 def make_worker(model_dir) -> DecodeWorker:
-    engine = EngineConfig(model=str(model_dir), device="cpu", dtype="float32",
-                          cache=CacheConfig(block_size=16, num_kv_blocks=32))
-    cfg = PoolConfig(engine=engine, num_prefill=0, num_decode=1, transport="gloo",
-                     poll_wait_s=0.1, orphan_timeout_s=2.0, prefix_directory=None)
+    engine = EngineConfig(
+        model=str(model_dir),
+        device="cpu",
+        dtype="float32",
+        cache=CacheConfig(block_size=16, num_kv_blocks=32),
+    )
+    cfg = PoolConfig(
+        engine=engine,
+        num_prefill=0,
+        num_decode=1,
+        transport="gloo",
+        poll_wait_s=0.1,
+        orphan_timeout_s=2.0,
+        prefix_directory=None,
+    )
     return DecodeWorker("decode-orphans", cfg, "gloo")
 
 
@@ -89,6 +99,7 @@ def test_orphans_are_reaped_and_live_streams_are_not(tiny_model_dir) -> None:
 def test_finished_but_undelivered_stream_is_forgotten(tiny_model_dir) -> None:
     """An orphan that already ran to its end holds no blocks, but its buffered deltas would stay
     in ``_streams`` for ever: the reaper forgets it too."""
+
     async def scenario() -> None:
         w = make_worker(tiny_model_dir)
         try:

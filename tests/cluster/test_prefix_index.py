@@ -4,12 +4,11 @@ between tenants, and a reference-model property test."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from baton.cluster.prefix_index import DirectoryConfig, ModelIdentity, PrefixIndex
 from baton.workers.block_hash import block_hashes
 from baton.workers.cache_events import CacheEvent
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 BLOCK = 16
 V1 = ModelIdentity("tok-a", "model-v1", "bfloat16")

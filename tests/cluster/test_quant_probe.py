@@ -5,7 +5,6 @@ is the control (agreement 1, KL 0); the result lands in the router's gauges."""
 from __future__ import annotations
 
 import pytest
-
 from baton.cluster.quant_probe import DEFAULT_CANARIES, QuantProbe, run_probe
 from baton.router.metrics import RouterMetrics
 from baton.workers.llm import LLM
@@ -16,8 +15,10 @@ pytestmark = pytest.mark.timeout(300)
 @pytest.fixture(scope="module")
 def engines(tiny_model_dir):
     kw = dict(device="cpu", dtype="float32", num_kv_blocks=128, max_num_batched_tokens=512)
-    return (LLM(str(tiny_model_dir), kv_cache_dtype="auto", **kw),
-            LLM(str(tiny_model_dir), kv_cache_dtype="fp8", **kw))
+    return (
+        LLM(str(tiny_model_dir), kv_cache_dtype="auto", **kw),
+        LLM(str(tiny_model_dir), kv_cache_dtype="fp8", **kw),
+    )
 
 
 def test_control_is_exact(engines):
@@ -39,6 +40,8 @@ def test_fp8_kv_drift_is_measured_and_exported(engines):
     m = RouterMetrics("tiny")
     m.observe_quant_probe(r)
     text = m.render().decode()
-    assert f'baton:kv_quant_top1_agreement{{kv_dtype="fp8",model_name="tiny"}} {r.top1_agreement}' \
+    assert (
+        f'baton:kv_quant_top1_agreement{{kv_dtype="fp8",model_name="tiny"}} {r.top1_agreement}'
         in text
+    )
     assert 'baton:kv_quant_kl_divergence{kv_dtype="fp8",model_name="tiny"}' in text

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from baton.workers.config import CacheConfig, EngineConfig
 from baton.workers.engine import EngineCore
 from baton.workers.kv_handle import kv_checksum, verify
@@ -34,8 +33,12 @@ class FakeClock:
 
 
 def engine(model_dir, wid: str) -> EngineCore:
-    cfg = EngineConfig(model=str(model_dir), device="cpu", dtype="float32",
-                       cache=CacheConfig(block_size=16, num_kv_blocks=48))
+    cfg = EngineConfig(
+        model=str(model_dir),
+        device="cpu",
+        dtype="float32",
+        cache=CacheConfig(block_size=16, num_kv_blocks=48),
+    )
     return EngineCore(cfg, worker_id=wid)
 
 
@@ -54,14 +57,18 @@ def collect(stream, timeout: float = 30.0) -> tuple[list[int], str | None, str]:
 @pytest.fixture(scope="module")
 def offline(tiny_model_dir):
     llm = LLM(str(tiny_model_dir), device="cpu", dtype="float32", num_kv_blocks=48)
-    return [(list(o.outputs[0].token_ids), o.outputs[0].text)
-            for o in llm.generate(PROMPTS, GREEDY)]
+    return [
+        (list(o.outputs[0].token_ids), o.outputs[0].text) for o in llm.generate(PROMPTS, GREEDY)
+    ]
 
 
 @pytest.fixture
 def pair(tiny_model_dir):
     clock = FakeClock()
-    ploop, dloop = EngineLoop(engine(tiny_model_dir, "p0")), EngineLoop(engine(tiny_model_dir, "d0"))
+    ploop, dloop = (
+        EngineLoop(engine(tiny_model_dir, "p0")),
+        EngineLoop(engine(tiny_model_dir, "d0")),
+    )
     yield PrefillRole(ploop, lease_s=5.0, clock=clock), DecodeRole(dloop), clock
     for loop in (ploop, dloop):
         loop.call(lambda e: e.check_integrity()).result(10)
@@ -81,8 +88,16 @@ def test_prefill_handle_decode_matches_offline(pair, offline):
         got = prefill.buffer_for(f"r{i}")
         assert got is not None and verify(h, got[1])
         kv = got[1].clone()
-        streams.append(decode.start(f"r{i}", prompt, GREEDY, output_token_ids=[res.first_token_id],
-                                    kv=kv, emit_prefix=[res.first_token_id]))
+        streams.append(
+            decode.start(
+                f"r{i}",
+                prompt,
+                GREEDY,
+                output_token_ids=[res.first_token_id],
+                kv=kv,
+                emit_prefix=[res.first_token_id],
+            )
+        )
         assert prefill.ack(f"r{i}")
     for s, (want_tokens, want_text) in zip(streams, offline):
         assert s.placed.result(10) is True
@@ -99,8 +114,14 @@ def test_recompute_without_kv_and_conditional_match_offline(pair, offline):
     prefill, decode, _ = pair
     res = prefill.prefill("x", PROMPTS[2], GREEDY).result(30)
     prefill.ack("x")
-    s1 = decode.start("x", PROMPTS[2], GREEDY, output_token_ids=[res.first_token_id], kv=None,
-                      emit_prefix=[res.first_token_id])
+    s1 = decode.start(
+        "x",
+        PROMPTS[2],
+        GREEDY,
+        output_token_ids=[res.first_token_id],
+        kv=None,
+        emit_prefix=[res.first_token_id],
+    )
     s2 = decode.start("y", PROMPTS[1], GREEDY, conditional=True)
     assert s1.placed.result(10) is False
     assert collect(s1)[0] == offline[2][0]
@@ -179,8 +200,14 @@ def test_colocated_and_checksum_detects_one_byte(tiny_model_dir, offline):
         assert not verify(handle, bad)
         assert kv_checksum(bad, "wsum64+blake2b") != kv_checksum(buf, "wsum64+blake2b")
         role.ack("c")
-        s = role.start("c", PROMPTS[2], GREEDY, output_token_ids=[res.first_token_id], kv=buf,
-                       emit_prefix=[res.first_token_id])
+        s = role.start(
+            "c",
+            PROMPTS[2],
+            GREEDY,
+            output_token_ids=[res.first_token_id],
+            kv=buf,
+            emit_prefix=[res.first_token_id],
+        )
         assert collect(s)[0] == offline[2][0]
         loop.call(lambda e: e.check_integrity()).result(10)
     finally:

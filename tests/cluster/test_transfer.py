@@ -8,17 +8,33 @@ import time
 
 import pytest
 import torch
-
 from baton.cluster.transfer import TransferError, choose_transport, make_transport
-from baton.workers.kv_handle import KV_LAYOUT, KVHandle, default_algo, dtype_name, kv_checksum, verify
+from baton.workers.kv_handle import (
+    KV_LAYOUT,
+    KVHandle,
+    default_algo,
+    dtype_name,
+    kv_checksum,
+    verify,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def held(rid: str, n_blocks: int = 3) -> tuple[KVHandle, torch.Tensor]:
     buf = torch.randn(2, 2, n_blocks, 16, 2, 16)
-    h = KVHandle("p0", rid, tuple(range(1, n_blocks + 1)), tuple(buf.shape), dtype_name(buf.dtype),
-                 KV_LAYOUT, kv_checksum(buf), default_algo(buf), time.time() + 30, n_blocks * 16)
+    h = KVHandle(
+        "p0",
+        rid,
+        tuple(range(1, n_blocks + 1)),
+        tuple(buf.shape),
+        dtype_name(buf.dtype),
+        KV_LAYOUT,
+        kv_checksum(buf),
+        default_algo(buf),
+        time.time() + 30,
+        n_blocks * 16,
+    )
     return h, buf
 
 
@@ -56,15 +72,18 @@ def test_gloo_pair_moves_exact_bytes_and_reuses_group():
     both(lambda: src.open_pair("d0", "", 0, 1), lambda: dst.open_pair("p0", endpoint, 1, 1))
     for i, rid in enumerate(("a", "b")):
         h, buf = table[rid]
-        _, got = both(lambda: src.send(rid, "d0", i),
-                      lambda: dst.receive(h, peer_id="p0", transfer_id=i))
+        _, got = both(
+            lambda: src.send(rid, "d0", i), lambda: dst.receive(h, peer_id="p0", transfer_id=i)
+        )
         assert torch.equal(got, buf) and verify(h, got)
     assert sum(sent) == sum(t[1].numel() * 4 for t in table.values())
     with pytest.raises(TransferError):  # unknown / expired on the source: fails before any wait
         src.send("gone", "d0", 9)
     dst.faults.corrupt_next = 1
     h, buf = table["a"]
-    _, got = both(lambda: src.send("a", "d0", 7), lambda: dst.receive(h, peer_id="p0", transfer_id=7))
+    _, got = both(
+        lambda: src.send("a", "d0", 7), lambda: dst.receive(h, peer_id="p0", transfer_id=7)
+    )
     assert not verify(h, got)
     src.close()
     dst.close()

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from prometheus_client.metrics import MetricWrapperBase
-
 from baton.router.client_protocol import WorkerLoad
 from baton.router.metrics import RouterMetrics
+from prometheus_client.metrics import MetricWrapperBase
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 RULES = DEPLOY / "prometheus" / "alerts.yaml"
@@ -31,21 +30,28 @@ _METRIC = re.compile(r"\b((?:vllm|baton):[a-z0-9_]+)")
 _SUFFIXES = ("_bucket", "_count", "_sum", "_total", "_created")
 
 promtool = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(promtool is None,
-                                    reason="promtool not installed (apt-get install prometheus)")
+needs_promtool = pytest.mark.skipif(
+    promtool is None, reason="promtool not installed (apt-get install prometheus)"
+)
 
 
 @needs_promtool
 def test_promtool_checks_the_rules():
-    r = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run(
+        [promtool, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 @needs_promtool
 def test_promtool_rule_unit_tests_pass():
-    r = subprocess.run([promtool, "test", "rules", str(RULE_TESTS)], capture_output=True,
-                       text=True, timeout=120, cwd=RULE_TESTS.parent)
+    r = subprocess.run(
+        [promtool, "test", "rules", str(RULE_TESTS)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=RULE_TESTS.parent,
+    )
     assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr
 
 
@@ -56,9 +62,17 @@ def _alerts() -> dict[str, str]:
 
 def test_every_alert_has_a_firing_and_a_silent_case():
     alerts = _alerts()
-    required = {"BatonKVCacheHigh", "BatonLengthFinishRateHigh", "BatonTTFTP99OverSLO",
-                "BatonITLP99OverSLO", "BatonRequestsRejected", "BatonPreemptionRateHigh",
-                "BatonKVTransferFailures", "BatonPromptInjectionIndicators", "BatonKVQuantDrift"}
+    required = {
+        "BatonKVCacheHigh",
+        "BatonLengthFinishRateHigh",
+        "BatonTTFTP99OverSLO",
+        "BatonITLP99OverSLO",
+        "BatonRequestsRejected",
+        "BatonPreemptionRateHigh",
+        "BatonKVTransferFailures",
+        "BatonPromptInjectionIndicators",
+        "BatonKVQuantDrift",
+    }
     assert required <= set(alerts)
     fires: set[str] = set()
     silent: set[str] = set()
@@ -72,9 +86,20 @@ def test_every_alert_has_a_firing_and_a_silent_case():
 def _exported_names() -> set[str]:
     """Every sample name the router renders once each metric family has a sample."""
     m = RouterMetrics("m", tenants=("t",))
-    m.observe_loads([WorkerLoad("decode-0", "decode", True, transport="gloo", transfer_bytes=1,
-                                transfer_buckets=(1,) * 14, transfer_seconds_sum=0.1,
-                                transfer_failure_reasons=(("timeout", 1),))])
+    m.observe_loads(
+        [
+            WorkerLoad(
+                "decode-0",
+                "decode",
+                True,
+                transport="gloo",
+                transfer_bytes=1,
+                transfer_buckets=(1,) * 14,
+                transfer_seconds_sum=0.1,
+                transfer_failure_reasons=(("timeout", 1),),
+            )
+        ]
+    )
     m.observe_directory({"entries": 3, "counters": {"purged_admin": 1}})
     for metric in vars(m).values():
         if isinstance(metric, MetricWrapperBase):  # labelled: samples appear once a child exists
@@ -112,6 +137,12 @@ def test_dashboard_is_well_formed():
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
     titles = " ".join(p["title"] for p in dash["panels"])
-    for word in ("Time to first token", "KV cache usage", "length", "Transfer", "injection",
-                 "drift"):
+    for word in (
+        "Time to first token",
+        "KV cache usage",
+        "length",
+        "Transfer",
+        "injection",
+        "drift",
+    ):
         assert word.lower() in titles.lower(), word

@@ -19,10 +19,9 @@ import yaml
 ray = pytest.importorskip("ray")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "router"))
 
-from serve_harness import free_port, router_args  # noqa: E402
-
 from baton.cluster.serve_config import ServeConfig  # noqa: E402
 from baton.workers.block_hash import block_hashes  # noqa: E402
+from serve_harness import free_port, router_args  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 PROMPT = [(11 * j) % 300 + 5 for j in range(100)]  # 6 full blocks; < 256 tokens: decode prefills it
@@ -31,25 +30,39 @@ KEYS = {"a": "sk-a", "b": "sk-b"}
 
 @pytest.fixture(scope="module")
 def stack(tiny_model_dir, tmp_path_factory):
-    from ray import serve
-
     from baton.cluster.prefix_directory import get_directory
     from baton.router.app import build_app
     from baton.router.core import ModelInfo
+    from ray import serve
 
     keys = tmp_path_factory.mktemp("keys") / "keys.yaml"
-    keys.write_text(yaml.safe_dump({"tenants": {t: {"keys": [k]} for t, k in KEYS.items()},
-                                    "admin_keys": ["sk-admin"]}))
+    keys.write_text(
+        yaml.safe_dump(
+            {"tenants": {t: {"keys": [k]} for t, k in KEYS.items()}, "admin_keys": ["sk-admin"]}
+        )
+    )
     pool = {"num_cpus": 0.25}
     args = router_args(
-        tiny_model_dir, tenants={"api_keys_file": str(keys)}, server={"router_replicas": 2},
-        pools={"mode": "disaggregated", "transport": "gloo",
-               "prefill": {**pool, "replicas": 1, "resources": {"prefill_slot": 1}},
-               "decode": {**pool, "replicas": 2, "resources": {"decode_slot": 1}}})
+        tiny_model_dir,
+        tenants={"api_keys_file": str(keys)},
+        server={"router_replicas": 2},
+        pools={
+            "mode": "disaggregated",
+            "transport": "gloo",
+            "prefill": {**pool, "replicas": 1, "resources": {"prefill_slot": 1}},
+            "decode": {**pool, "replicas": 2, "resources": {"decode_slot": 1}},
+        },
+    )
     port = free_port()
-    ray.init(num_cpus=2, resources={"prefill_slot": 1, "decode_slot": 2}, include_dashboard=False,
-             namespace="baton-itest", log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"TRITON_INTERPRET": "1"}})
+    ray.init(
+        num_cpus=2,
+        resources={"prefill_slot": 1, "decode_slot": 2},
+        include_dashboard=False,
+        namespace="baton-itest",
+        log_to_driver=False,
+        configure_logging=False,
+        runtime_env={"env_vars": {"TRITON_INTERPRET": "1"}},
+    )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         t0 = time.monotonic()
@@ -67,9 +80,12 @@ def stack(tiny_model_dir, tmp_path_factory):
 
 
 def complete(base: str, tenant: str) -> int:
-    r = httpx.post(base + "/v1/completions", timeout=60, headers={
-        "Authorization": f"Bearer {KEYS[tenant]}"}, json={
-        "model": "tiny", "prompt": PROMPT, "max_tokens": 2, "temperature": 0})
+    r = httpx.post(
+        base + "/v1/completions",
+        timeout=60,
+        headers={"Authorization": f"Bearer {KEYS[tenant]}"},
+        json={"model": "tiny", "prompt": PROMPT, "max_tokens": 2, "temperature": 0},
+    )
     assert r.status_code == 200, r.text
     return int(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
 
@@ -87,8 +103,11 @@ def holders(directory, model, tenant: str, want_any: bool, timeout_s: float = 15
 
 
 def test_replicas_create_one_pinned_pool(stack) -> None:
-    names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                   if a.get("namespace") == "baton")
+    names = sorted(
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a.get("namespace") == "baton"
+    )
     assert names == ["baton-prefix-directory", "decode-0", "decode-1", "prefill-0"], names
     avail = ray.available_resources()  # every slot taken by exactly one worker
     assert avail.get("prefill_slot", 0) == 0 and avail.get("decode_slot", 0) == 0, avail
@@ -111,8 +130,12 @@ def test_tenant_purge_touches_only_that_tenant(stack) -> None:
     complete(base, "b")
     assert holders(directory, model, "b", True)
     assert complete(base, "b") == 96
-    r = httpx.post(base + "/admin/cache/purge", json={"namespace": "a"}, timeout=30,
-                   headers={"Authorization": "Bearer sk-admin"})
+    r = httpx.post(
+        base + "/admin/cache/purge",
+        json={"namespace": "a"},
+        timeout=30,
+        headers={"Authorization": "Bearer sk-admin"},
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["worker_blocks_reset"] >= 6 and body["directory_entries_removed"] >= 6, body
@@ -127,10 +150,20 @@ def test_a_rolled_config_replaces_the_workers(stack, tiny_model_dir) -> None:
     from baton.cluster.pools import ensure_pools
     from baton.workers.config import CacheConfig, EngineConfig
 
-    cfg = PoolConfig(engine=EngineConfig(model=str(tiny_model_dir), device="cpu", dtype="float32",
-                                         cache=CacheConfig(block_size=16, num_kv_blocks=16)),
-                     num_prefill=0, num_decode=1, num_cpus_per_worker=0.25, transport="gloo",
-                     ray_namespace="baton-roll", prefix_directory=None)
+    cfg = PoolConfig(
+        engine=EngineConfig(
+            model=str(tiny_model_dir),
+            device="cpu",
+            dtype="float32",
+            cache=CacheConfig(block_size=16, num_kv_blocks=16),
+        ),
+        num_prefill=0,
+        num_decode=1,
+        num_cpus_per_worker=0.25,
+        transport="gloo",
+        ray_namespace="baton-roll",
+        prefix_directory=None,
+    )
     try:
         first = ensure_pools(cfg, model_version="v1")["decode-0"]
         assert ensure_pools(cfg, model_version="v1")["decode-0"].pid == first.pid  # got, not made

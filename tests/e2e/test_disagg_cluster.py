@@ -11,11 +11,11 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from baton.cluster.client import RoutingHint  # noqa: E402
-from baton.workers.messages import GenerateRequest  # noqa: E402
 from baton.cluster.pool_config import PoolConfig  # noqa: E402
 from baton.cluster.pools import start_pools  # noqa: E402
 from baton.workers.config import CacheConfig, EngineConfig  # noqa: E402
 from baton.workers.llm import LLM  # noqa: E402
+from baton.workers.messages import GenerateRequest  # noqa: E402
 from baton.workers.sampling_params import SamplingParams  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
@@ -31,16 +31,31 @@ def prompts() -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir):
-    ray.init(num_cpus=4, include_dashboard=False, namespace="baton-e2e",
-             runtime_env={"env_vars": {"TRITON_INTERPRET": "1"}})
-    engine = EngineConfig(model=str(tiny_model_dir), device="cpu", dtype="float32",
-                          cache=CacheConfig(block_size=16, num_kv_blocks=64))
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        namespace="baton-e2e",
+        runtime_env={"env_vars": {"TRITON_INTERPRET": "1"}},
+    )
+    engine = EngineConfig(
+        model=str(tiny_model_dir),
+        device="cpu",
+        dtype="float32",
+        cache=CacheConfig(block_size=16, num_kv_blocks=64),
+    )
     pools = {}
     try:
         for transport in ("gloo", "grpc"):
-            cfg = PoolConfig(engine=engine, num_prefill=1, num_decode=1, transport=transport,
-                             disagg_threshold_tokens=THRESHOLD, num_cpus_per_worker=0.5,
-                             transfer_timeout_s=10.0, ray_namespace=f"baton-{transport}")
+            cfg = PoolConfig(
+                engine=engine,
+                num_prefill=1,
+                num_decode=1,
+                transport=transport,
+                disagg_threshold_tokens=THRESHOLD,
+                num_cpus_per_worker=0.5,
+                transfer_timeout_s=10.0,
+                ray_namespace=f"baton-{transport}",
+            )
             pools[transport] = start_pools(cfg)
         yield pools
     finally:
@@ -52,7 +67,9 @@ def cluster(tiny_model_dir):
 @pytest.fixture(scope="module")
 def offline(tiny_model_dir):
     llm = LLM(str(tiny_model_dir), device="cpu", dtype="float32", num_kv_blocks=64)
-    return [(list(o.outputs[0].token_ids), o.outputs[0].text) for o in llm.generate(prompts(), GREEDY)]
+    return [
+        (list(o.outputs[0].token_ids), o.outputs[0].text) for o in llm.generate(prompts(), GREEDY)
+    ]
 
 
 async def run_all(client, tag: str):
@@ -84,7 +101,9 @@ def test_disaggregated_greedy_matches_offline(cluster, offline, transport):
     assert dec.kv_bytes_received > 0 and dec.transfers_ok == len(LENGTHS) - 1
     assert dec.transfer_failures == 0 and dec.recomputed_prompt_tokens == 0
     assert dec.conditional_prompt_tokens == conditional
-    assert dec.prompt_tokens_computed == conditional  # no prefill work beyond the conditional prompts
+    assert (
+        dec.prompt_tokens_computed == conditional
+    )  # no prefill work beyond the conditional prompts
     assert pre.prompt_tokens_computed == sum(n for n in LENGTHS if n >= THRESHOLD)
     assert pre.kv_bytes_sent == dec.kv_bytes_received
     for s in stats.values():

@@ -22,9 +22,8 @@ import pytest
 ray = pytest.importorskip("ray")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "router"))
 
-from serve_harness import router_args, serve_router  # noqa: E402
-
 from baton.protos.build import ensure_generated  # noqa: E402
+from serve_harness import router_args, serve_router  # noqa: E402
 
 ensure_generated()
 from baton.protos.baton.v1 import generation_pb2 as pb  # noqa: E402
@@ -39,9 +38,16 @@ ORPHAN_TIMEOUT_S = 8.0
 @pytest.fixture(scope="module")
 def router(tiny_model_dir):
     pool = {"replicas": 1, "num_cpus": 0.25}
-    args = router_args(tiny_model_dir, pools={"mode": "disaggregated", "transport": "gloo",
-                                              "prefill": pool, "decode": pool,
-                                              "orphan_timeout_s": ORPHAN_TIMEOUT_S})
+    args = router_args(
+        tiny_model_dir,
+        pools={
+            "mode": "disaggregated",
+            "transport": "gloo",
+            "prefill": pool,
+            "decode": pool,
+            "orphan_timeout_s": ORPHAN_TIMEOUT_S,
+        },
+    )
     with serve_router(args, grpc=True) as h:
         yield h
 
@@ -51,12 +57,21 @@ def prompt(i: int) -> str:
 
 
 def http_stream(base: str, i: int, out: dict, started: threading.Event) -> None:
-    body = {"model": "tiny", "prompt": prompt(i), "max_tokens": MAX_TOKENS, "temperature": 0,
-            "ignore_eos": True, "stream": True, "return_token_ids": True}
+    body = {
+        "model": "tiny",
+        "prompt": prompt(i),
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "return_token_ids": True,
+    }
     tokens, finishes, errors = [], [], []
     try:
-        with httpx.Client(base_url=base, timeout=60) as c, \
-                c.stream("POST", "/v1/completions", json=body) as r:
+        with (
+            httpx.Client(base_url=base, timeout=60) as c,
+            c.stream("POST", "/v1/completions", json=body) as r,
+        ):
             if r.status_code != 200:
                 errors.append(f"status {r.status_code}")
             else:
@@ -78,8 +93,11 @@ def grpc_stream(target: str, i: int, out: dict, started: threading.Event) -> Non
     tokens, finishes, errors = [], [], []
     with grpc.insecure_channel(target) as ch:
         stub = pb_grpc.GenerationStub(ch)
-        req = pb.GenerateRequest(model="tiny", text=prompt(i), params=pb.SamplingParams(
-            max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
+        req = pb.GenerateRequest(
+            model="tiny",
+            text=prompt(i),
+            params=pb.SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True),
+        )
         try:
             for m in stub.Generate(req, timeout=60):
                 tokens += list(m.token_ids)
@@ -96,37 +114,53 @@ def fault_free(router) -> dict[int, list[int]]:
     with router.client(timeout=60) as c:
         got = {}
         for i in range(max(N_HTTP, N_GRPC)):
-            r = c.post("/v1/completions", json={
-                "model": "tiny", "prompt": prompt(i), "max_tokens": MAX_TOKENS, "temperature": 0,
-                "ignore_eos": True, "return_token_ids": True})
+            r = c.post(
+                "/v1/completions",
+                json={
+                    "model": "tiny",
+                    "prompt": prompt(i),
+                    "max_tokens": MAX_TOKENS,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                    "return_token_ids": True,
+                },
+            )
             assert r.status_code == 200, r.text
             got[i] = r.json()["choices"][0]["token_ids"]
         return got
 
 
 def kill_replica() -> str:
-    names = [(a["name"], a["namespace"]) for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["name"].startswith("SERVE_REPLICA") and "BatonRouter" in a["name"]]
+    names = [
+        (a["name"], a["namespace"])
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith("SERVE_REPLICA") and "BatonRouter" in a["name"]
+    ]
     assert len(names) == 1, names
     ray.kill(ray.get_actor(names[0][0], namespace=names[0][1]), no_restart=True)
     return names[0][0]
 
 
 def workers():
-    return {a["name"]: ray.get_actor(a["name"], namespace=a["namespace"])
-            for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["name"].split("-")[0] in ("prefill", "decode") and a["namespace"] == "baton"}
+    return {
+        a["name"]: ray.get_actor(a["name"], namespace=a["namespace"])
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].split("-")[0] in ("prefill", "decode") and a["namespace"] == "baton"
+    }
 
 
 def test_replica_killed_under_load(router) -> None:
     want = fault_free(router)
     out: dict = {}
     started = [threading.Event() for _ in range(N_HTTP + N_GRPC)]
-    threads = [threading.Thread(target=http_stream, args=(router.base_url, i, out, started[i]))
-               for i in range(N_HTTP)]
-    threads += [threading.Thread(target=grpc_stream,
-                                 args=(router.grpc_target, i, out, started[N_HTTP + i]))
-                for i in range(N_GRPC)]
+    threads = [
+        threading.Thread(target=http_stream, args=(router.base_url, i, out, started[i]))
+        for i in range(N_HTTP)
+    ]
+    threads += [
+        threading.Thread(target=grpc_stream, args=(router.grpc_target, i, out, started[N_HTTP + i]))
+        for i in range(N_GRPC)
+    ]
     for t in threads:
         t.start()
     for e in started:
@@ -139,8 +173,12 @@ def test_replica_killed_under_load(router) -> None:
     for (kind, i), (tokens, finishes, errors) in out.items():
         assert tokens == want[i][: len(tokens)], (kind, i)  # what arrived was right
         ended = len(finishes) + len(errors)
-        assert ended == 1 or (finishes == ["error"] and len(errors) <= 1) and len(finishes) <= 1, \
-            (kind, i, finishes, errors)  # exactly one terminal outcome
+        assert ended == 1 or (finishes == ["error"] and len(errors) <= 1) and len(finishes) <= 1, (
+            kind,
+            i,
+            finishes,
+            errors,
+        )  # exactly one terminal outcome
         if finishes and finishes[0] == "length":
             assert tokens == want[i] and not errors, (kind, i)
             n_ok += 1
@@ -157,8 +195,11 @@ def test_replica_killed_under_load(router) -> None:
             pass
         assert time.monotonic() < deadline, "no healthy replica 120 s after the kill"
         time.sleep(0.5)
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["name"].startswith("SERVE_REPLICA")]
+    names = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith("SERVE_REPLICA")
+    ]
     assert old not in names
     assert fault_free(router) == want
     out.clear()
@@ -166,8 +207,11 @@ def test_replica_killed_under_load(router) -> None:
     tokens, finishes, errors = out[("grpc", 0)]
     assert tokens == want[0] and finishes == ["length"] and not errors
     # the orphaned sequences end; nothing stays allocated on the surviving workers
-    wait_workers_idle(lambda s, streams: (
-        s.num_free_blocks != s.num_total_blocks or s.num_running or s.num_waiting or s.num_held))
+    wait_workers_idle(
+        lambda s, streams: (
+            s.num_free_blocks != s.num_total_blocks or s.num_running or s.num_waiting or s.num_held
+        )
+    )
 
 
 def wait_workers_idle(busy_if, timeout: float = 60.0) -> None:
@@ -176,8 +220,9 @@ def wait_workers_idle(busy_if, timeout: float = 60.0) -> None:
         busy = {}
         for name, actor in workers().items():
             s = ray.get(actor.stats.remote(), timeout=30)
-            streams = ray.get(actor.__ray_call__.remote(lambda self: len(self._streams)),
-                              timeout=30)
+            streams = ray.get(
+                actor.__ray_call__.remote(lambda self: len(self._streams)), timeout=30
+            )
             if busy_if(s, streams):
                 busy[name] = (s, streams)
         if not busy:
@@ -192,6 +237,8 @@ def test_orphaned_streams_are_dropped(router) -> None:
     """Runs after the kill above: nobody polls the dead replica's streams, so the reaper drops them
     (and the new replica's own finished streams are gone already)."""
     wait_workers_idle(lambda s, streams: streams > 0, timeout=ORPHAN_TIMEOUT_S + 10)
-    reaped = [ray.get(a.__ray_call__.remote(lambda self: self.orphans_reaped), timeout=30)
-              for a in workers().values()]
+    reaped = [
+        ray.get(a.__ray_call__.remote(lambda self: self.orphans_reaped), timeout=30)
+        for a in workers().values()
+    ]
     assert sum(reaped) > 0, "no orphan was reaped: the kill left nothing to prove"

@@ -28,9 +28,8 @@ import pytest
 ray = pytest.importorskip("ray")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "router"))
 
-from serve_harness import router_args, serve_router  # noqa: E402
-
 from baton.protos.build import ensure_generated  # noqa: E402
+from serve_harness import router_args, serve_router  # noqa: E402
 
 ensure_generated()
 from baton.protos.baton.v1 import generation_pb2 as pb  # noqa: E402
@@ -46,8 +45,10 @@ RSS_BOUND_MB = 64.0
 @pytest.fixture(scope="module")
 def router(tiny_model_dir):
     args = router_args(
-        tiny_model_dir, engine={"num_kv_blocks": BLOCKS},
-        admission={"min_samples": 8, "max_queue_per_tenant": 16, "queue_timeout_s": 120})
+        tiny_model_dir,
+        engine={"num_kv_blocks": BLOCKS},
+        admission={"min_samples": 8, "max_queue_per_tenant": 16, "queue_timeout_s": 120},
+    )
     with serve_router(args, grpc=True) as h:
         yield h
 
@@ -71,8 +72,11 @@ def replica_rss_mb() -> float:
 
 
 def replicas() -> set[str]:
-    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["name"].startswith("SERVE_REPLICA")}
+    return {
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith("SERVE_REPLICA")
+    }
 
 
 class Sampler(threading.Thread):
@@ -92,8 +96,14 @@ class Sampler(threading.Thread):
 
 
 def _http(c: httpx.Client, i: int, max_tokens: int, stream: bool) -> tuple[int, str | None]:
-    body = {"model": "tiny", "prompt": f"Request {i}: the quick brown fox jumps", "temperature": 0,
-            "max_tokens": max_tokens, "ignore_eos": True, "stream": stream}
+    body = {
+        "model": "tiny",
+        "prompt": f"Request {i}: the quick brown fox jumps",
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": stream,
+    }
     if not stream:
         r = c.post("/v1/completions", json=body)
         if r.status_code != 200:
@@ -118,9 +128,11 @@ def _http(c: httpx.Client, i: int, max_tokens: int, stream: bool) -> tuple[int, 
 
 
 def _grpc(stub, i: int, max_tokens: int) -> tuple[int, str | None]:
-    req = pb.GenerateRequest(model="tiny", text=f"Request {i}: the quick brown fox jumps",
-                             params=pb.SamplingParams(max_tokens=max_tokens, temperature=0,
-                                                      ignore_eos=True))
+    req = pb.GenerateRequest(
+        model="tiny",
+        text=f"Request {i}: the quick brown fox jumps",
+        params=pb.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
+    )
     try:
         msgs = list(stub.Generate(req, timeout=180))
     except grpc.RpcError as exc:
@@ -179,8 +191,11 @@ def test_burst_never_exceeds_kv_budget(router, stub) -> None:
         metrics = c.get("/metrics").text
     assert 'finished_reason="error"' not in metrics and 'finished_reason="abort"' not in metrics
     # Preemptions are counted where operators look: /metrics agrees with the workers' own count.
-    exported = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-                   if line.startswith("vllm:num_preemptions") and not line.startswith("#"))
+    exported = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("vllm:num_preemptions") and not line.startswith("#")
+    )
     assert exported == preempted, (exported, preempted)
     # Whether this wave preempts depends on how fast the router admits it on a loaded 2-core box
     # (it admits on live KV usage too); that outgrown predictions preempt rather than abort is
@@ -190,8 +205,14 @@ def test_burst_never_exceeds_kv_budget(router, stub) -> None:
 
 
 def _cancel_http(router, i: int, at: int, rng: random.Random) -> None:
-    body = {"model": "tiny", "prompt": f"Leak {i} once upon a time", "max_tokens": 32,
-            "temperature": 0, "ignore_eos": True, "stream": True}
+    body = {
+        "model": "tiny",
+        "prompt": f"Leak {i} once upon a time",
+        "max_tokens": 32,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
     with router.client(timeout=60) as c, c.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
             r.read()
@@ -204,9 +225,15 @@ def _cancel_http(router, i: int, at: int, rng: random.Random) -> None:
 
 def _cancel_grpc(stub, i: int, at: int, by_abort: bool) -> None:
     rid = f"leak-{i}"
-    call = stub.Generate(pb.GenerateRequest(
-        model="tiny", text=f"Leak {i} once upon a time", request_id=rid,
-        params=pb.SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)), timeout=60)
+    call = stub.Generate(
+        pb.GenerateRequest(
+            model="tiny",
+            text=f"Leak {i} once upon a time",
+            request_id=rid,
+            params=pb.SamplingParams(max_tokens=32, temperature=0, ignore_eos=True),
+        ),
+        timeout=60,
+    )
     finals = []
     try:
         for n, m in enumerate(call):
@@ -226,8 +253,10 @@ def _cancel_grpc(stub, i: int, at: int, by_abort: bool) -> None:
 
 def _cancel_many(router, stub, n: int, seed: int) -> None:
     rng = random.Random(seed)
-    plan = [(i, rng.choice(["http", "grpc_cancel", "grpc_abort"]), rng.randrange(0, 20))
-            for i in range(n)]
+    plan = [
+        (i, rng.choice(["http", "grpc_cancel", "grpc_abort"]), rng.randrange(0, 20))
+        for i in range(n)
+    ]
 
     def run(item) -> None:
         i, how, at = item

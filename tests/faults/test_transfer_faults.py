@@ -14,11 +14,11 @@ ray = pytest.importorskip("ray")
 
 from baton.cluster.actors import SourceRef  # noqa: E402
 from baton.cluster.client import RoutingHint  # noqa: E402
-from baton.workers.messages import GenerateRequest  # noqa: E402
 from baton.cluster.pool_config import PoolConfig  # noqa: E402
 from baton.cluster.pools import start_pools  # noqa: E402
 from baton.workers.config import CacheConfig, EngineConfig  # noqa: E402
 from baton.workers.llm import LLM  # noqa: E402
+from baton.workers.messages import GenerateRequest  # noqa: E402
 from baton.workers.sampling_params import SamplingParams  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
@@ -29,13 +29,29 @@ PROMPT = tuple((5 * j) % 300 + 7 for j in range(40))
 
 @pytest.fixture(scope="module")
 def pools(tiny_model_dir):
-    ray.init(num_cpus=4, include_dashboard=False, namespace="baton-faults",
-             runtime_env={"env_vars": {"TRITON_INTERPRET": "1"}})
-    engine = EngineConfig(model=str(tiny_model_dir), device="cpu", dtype="float32",
-                          cache=CacheConfig(block_size=16, num_kv_blocks=48))
-    cfg = PoolConfig(engine=engine, num_prefill=1, num_decode=2, transport="gloo",
-                     disagg_threshold_tokens=8, num_cpus_per_worker=0.5, lease_s=3.0,
-                     transfer_timeout_s=2.0, ray_namespace="baton-faults")
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        namespace="baton-faults",
+        runtime_env={"env_vars": {"TRITON_INTERPRET": "1"}},
+    )
+    engine = EngineConfig(
+        model=str(tiny_model_dir),
+        device="cpu",
+        dtype="float32",
+        cache=CacheConfig(block_size=16, num_kv_blocks=48),
+    )
+    cfg = PoolConfig(
+        engine=engine,
+        num_prefill=1,
+        num_decode=2,
+        transport="gloo",
+        disagg_threshold_tokens=8,
+        num_cpus_per_worker=0.5,
+        lease_s=3.0,
+        transfer_timeout_s=2.0,
+        ray_namespace="baton-faults",
+    )
     p = start_pools(cfg)
     try:
         yield p
@@ -112,9 +128,10 @@ def test_prefill_killed_between_prefill_and_pull(pools, want):
     offer = ray.get(pre.actor.prefill.remote(req), timeout=60)
     assert offer.result.handle is not None
     ray.kill(pre.actor, no_restart=True)
-    started = ray.get(dec.start.remote(req, offer=offer,
-                                       source=SourceRef(pid, pre.actor, pre.info.endpoint)),
-                      timeout=30)
+    started = ray.get(
+        dec.start.remote(req, offer=offer, source=SourceRef(pid, pre.actor, pre.info.endpoint)),
+        timeout=30,
+    )
     assert started.placed is False and started.transfer_error
     tokens = []
     for _ in range(200):
@@ -139,7 +156,8 @@ def test_decode_killed_mid_stream_resumes_then_errors_when_none_left(pools, want
         ray.kill(pools.workers[first].actor, no_restart=True)
 
     tokens, deltas = asyncio.run(
-        collect(client, "resume", RoutingHint(decode_worker=first), on_first=kill_first))
+        collect(client, "resume", RoutingHint(decode_worker=first), on_first=kill_first)
+    )
     assert tokens == want and deltas[-1].finish_reason == "length"
     assert client.num_resumes == 1 and deltas[-1].worker_id == second
     pools.workers.pop(first)
@@ -148,9 +166,12 @@ def test_decode_killed_mid_stream_resumes_then_errors_when_none_left(pools, want
         ray.kill(pools.workers[second].actor, no_restart=True)
 
     tokens, deltas = asyncio.run(
-        collect(client, "orphaned", RoutingHint(decode_worker=second), on_first=kill_second))
+        collect(client, "orphaned", RoutingHint(decode_worker=second), on_first=kill_second)
+    )
     errors = [d for d in deltas if d.finish_reason == "error"]
-    assert len(errors) == 1 and deltas[-1] is errors[0] and "no other decode worker" in errors[0].error
+    assert (
+        len(errors) == 1 and deltas[-1] is errors[0] and "no other decode worker" in errors[0].error
+    )
     assert tokens == want[: len(tokens)]
     pools.workers.pop(second)
     pools.resize(num_decode=1)

@@ -36,8 +36,12 @@ HAS_DIRECTORY_LINK = "prefix_directory" in PoolConfig.__dataclass_fields__
 
 
 def _engine(tiny_model_dir) -> EngineConfig:
-    return EngineConfig(model=str(tiny_model_dir), device="cpu", dtype="float32",
-                        cache=CacheConfig(block_size=16, num_kv_blocks=64))
+    return EngineConfig(
+        model=str(tiny_model_dir),
+        device="cpu",
+        dtype="float32",
+        cache=CacheConfig(block_size=16, num_kv_blocks=64),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +50,22 @@ def directory_config():
         return None
     from baton.cluster.prefix_index import DirectoryConfig
 
-    return DirectoryConfig(name="wfaults-directory", ray_namespace=NS, lease_s=6.0,
-                           sweep_interval_s=0.5)
+    return DirectoryConfig(
+        name="wfaults-directory", ray_namespace=NS, lease_s=6.0, sweep_interval_s=0.5
+    )
 
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir, directory_config):
     """Two pools on one Ray cluster: gloo (1 prefill + 2 decode, linked to a directory) and grpc
     (1 prefill + 1 decode)."""
-    ray.init(num_cpus=4, include_dashboard=False, namespace=NS, log_to_driver=False,
-             runtime_env={"env_vars": {"TRITON_INTERPRET": "1"}})
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        namespace=NS,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"TRITON_INTERPRET": "1"}},
+    )
     pools = {}
     try:
         extra = {}
@@ -64,14 +74,30 @@ def cluster(tiny_model_dir, directory_config):
 
             ray.get(get_or_create_directory(directory_config).stats.remote(), timeout=60)
             extra["prefix_directory"] = directory_config
-        common = dict(engine=_engine(tiny_model_dir), disagg_threshold_tokens=8,
-                      num_cpus_per_worker=0.5, lease_s=4.0, transfer_timeout_s=2.0,
-                      poll_wait_s=0.2)
-        pools["gloo"] = start_pools(PoolConfig(num_prefill=1, num_decode=2, transport="gloo",
-                                               ray_namespace=NS, **common, **extra))
+        common = dict(
+            engine=_engine(tiny_model_dir),
+            disagg_threshold_tokens=8,
+            num_cpus_per_worker=0.5,
+            lease_s=4.0,
+            transfer_timeout_s=2.0,
+            poll_wait_s=0.2,
+        )
+        pools["gloo"] = start_pools(
+            PoolConfig(
+                num_prefill=1, num_decode=2, transport="gloo", ray_namespace=NS, **common, **extra
+            )
+        )
         grpc_extra = {"prefix_directory": None} if HAS_DIRECTORY_LINK else {}
-        pools["grpc"] = start_pools(PoolConfig(num_prefill=1, num_decode=1, transport="grpc",
-                                               ray_namespace=NS + "-grpc", **common, **grpc_extra))
+        pools["grpc"] = start_pools(
+            PoolConfig(
+                num_prefill=1,
+                num_decode=1,
+                transport="grpc",
+                ray_namespace=NS + "-grpc",
+                **common,
+                **grpc_extra,
+            )
+        )
         yield pools
     finally:
         for p in pools.values():
@@ -95,8 +121,14 @@ def assert_back_to_baseline(pools, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
         got = stats(pools)
-        busy = {w: s for w, s in got.items() if s.num_free_blocks != s.num_total_blocks
-                or s.num_running or s.num_waiting or s.num_held}
+        busy = {
+            w: s
+            for w, s in got.items()
+            if s.num_free_blocks != s.num_total_blocks
+            or s.num_running
+            or s.num_waiting
+            or s.num_held
+        }
         if not busy:
             break
         assert time.monotonic() < deadline, f"workers did not return to baseline: {busy}"
@@ -120,8 +152,10 @@ def test_grpc_stream_dropped_halfway_recomputes(cluster, want, mode) -> None:
     assert pools.transport == "grpc"
     pid = next(w for w, e in pools.workers.items() if e.info.kind == "prefill")
     did = next(w for w, e in pools.workers.items() if e.info.kind == "decode")
-    ray.get(pools.workers[pid].actor.set_faults.remote(drop_stream_next=1, drop_stream_mode=mode),
-            timeout=10)
+    ray.get(
+        pools.workers[pid].actor.set_faults.remote(drop_stream_next=1, drop_stream_mode=mode),
+        timeout=10,
+    )
     before = stats(pools)
     prompt = PROMPTS[3]
     tokens, last = asyncio.run(collect(pools.client(), f"drop-{mode}", prompt))
@@ -163,24 +197,34 @@ def test_directory_killed_mid_load(cluster, want, directory_config, tiny_model_d
 
     pools = cluster["gloo"]
     handle = get_directory(directory_config)
-    ident = LLM(str(tiny_model_dir), device="cpu", dtype="float32", num_kv_blocks=8
-                ).engine.identity
+    ident = LLM(str(tiny_model_dir), device="cpu", dtype="float32", num_kv_blocks=8).engine.identity
     router = PrefixRouter(ident, 16, directory=handle, directory_timeout_s=0.5, seed=0)
     client = pools.client()
 
     def loads() -> list[WorkerLoad]:
-        return [WorkerLoad(w, s.role, True, num_running=s.num_running, num_waiting=s.num_waiting,
-                           kv_usage=s.kv_usage, num_total_blocks=s.num_total_blocks,
-                           num_free_blocks=s.num_free_blocks, block_size=s.block_size)
-                for w, s in stats(pools).items()]
+        return [
+            WorkerLoad(
+                w,
+                s.role,
+                True,
+                num_running=s.num_running,
+                num_waiting=s.num_waiting,
+                kv_usage=s.kv_usage,
+                num_total_blocks=s.num_total_blocks,
+                num_free_blocks=s.num_free_blocks,
+                block_size=s.block_size,
+            )
+            for w, s in stats(pools).items()
+        ]
 
     async def one(i: int, prompt, kill: asyncio.Event | None = None, delay: float = 0.0):
         await asyncio.sleep(delay)  # arrivals spread over the kill and the restart
         route = await router.pick(prompt, "default", loads())
         if kill is not None:
             kill.set()
-        return await collect(client, f"dir-{i}", prompt,
-                             RoutingHint(route.prefill_worker, route.decode_worker))
+        return await collect(
+            client, f"dir-{i}", prompt, RoutingHint(route.prefill_worker, route.decode_worker)
+        )
 
     # warm: blocks cached on the workers show up in the directory
     for i, p in enumerate(PROMPTS[:2]):
@@ -191,8 +235,10 @@ def test_directory_killed_mid_load(cluster, want, directory_config, tiny_model_d
 
     async def load_with_kill():
         first_routed = asyncio.Event()
-        tasks = [asyncio.create_task(one(i, p, first_routed if i == 0 else None, 0.15 * i))
-                 for i, p in enumerate(PROMPTS * 2)]
+        tasks = [
+            asyncio.create_task(one(i, p, first_routed if i == 0 else None, 0.15 * i))
+            for i, p in enumerate(PROMPTS * 2)
+        ]
         await first_routed.wait()
         ray.kill(handle, no_restart=False)  # Ray restarts it (max_restarts=-1): an empty table
         return await asyncio.gather(*tasks)
@@ -208,8 +254,11 @@ def test_directory_killed_mid_load(cluster, want, directory_config, tiny_model_d
     from baton.workers.block_hash import block_hashes
 
     hashes = block_hashes(root, list(PROMPTS[0]), 16)
-    held = _wait(lambda: ray.get(handle.longest_prefix.remote(root, hashes), timeout=5), 15,
-                 "a rebuilt entry for a prompt the workers still cache")
+    held = _wait(
+        lambda: ray.get(handle.longest_prefix.remote(root, hashes), timeout=5),
+        15,
+        "a rebuilt entry for a prompt the workers still cache",
+    )
     assert max(held.values()) == len(PROMPTS[0]) // 16 and entries > 0
     assert_back_to_baseline(pools)
 

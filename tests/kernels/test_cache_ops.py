@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kv_cases import FP8, kernel_device
-
 from baton.kernels.cache_ops import (
     gather_kv_blocks,
     gather_kv_blocks_reference,
@@ -14,6 +12,7 @@ from baton.kernels.cache_ops import (
     scatter_kv_blocks,
     scatter_kv_blocks_reference,
 )
+from kv_cases import FP8, kernel_device
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:

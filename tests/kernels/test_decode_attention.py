@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kv_cases import FP8, assert_close, kernel_device, make_paged
-
 from baton.kernels.decode_attention import (
     MAX_SPLITS,
     choose_num_splits,
     decode_attention,
     decode_attention_reference,
 )
+from kv_cases import FP8, assert_close, kernel_device, make_paged
 
 # 1-token, exact block multiples (16, 64) and ragged lengths in one batch.
 LENS = [1, 16, 37, 64, 100]
@@ -64,7 +63,9 @@ def test_head_dims(dim):
 
 @pytest.mark.parametrize("window,sinks,splits", [(8, 0, 1), (20, 4, 1), (33, 4, 4), (64, 2, 2)])
 def test_sliding_window_and_sinks(window, sinks, splits):
-    _run([1, 5, 21, 64, 150], 4, 2, 64, 16, torch.float32, window=window, sinks=sinks, splits=splits)
+    _run(
+        [1, 5, 21, 64, 150], 4, 2, 64, 16, torch.float32, window=window, sinks=sinks, splits=splits
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -105,4 +106,6 @@ def test_rejects_bad_shapes():
     kv = make_paged([4], 3, 64, 16, torch.float32, dev)
     q = torch.randn(1, 4, 64, device=dev)
     with pytest.raises(ValueError, match="multiple"):
-        decode_attention(q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, 1.0, max_seq_len=4)
+        decode_attention(
+            q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, 1.0, max_seq_len=4
+        )

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kv_cases import FP8, assert_close, kernel_device, make_paged
-
 from baton.kernels.extend_attention import extend_attention, extend_attention_reference
+from kv_cases import FP8, assert_close, kernel_device, make_paged
 
 # (new tokens, context after the step): full prefill, chunk on a block-aligned prefix, a decode,
 # a 1-token prompt, a chunk ending exactly on a block boundary, a long chunk over a ragged prefix.
 CASES = [(20, 20), (16, 48), (1, 37), (1, 1), (17, 64), (40, 90)]
 
 
-def _run(cases, hq, hkv, dim, bs, dtype, kv_dtype=None, window=None, sinks=0, kv_scale=1.0, cfg=None):
+def _run(
+    cases, hq, hkv, dim, bs, dtype, kv_dtype=None, window=None, sinks=0, kv_scale=1.0, cfg=None
+):
     dev = kernel_device()
     kv_dtype = kv_dtype or dtype
     qlens = [c[0] for c in cases]

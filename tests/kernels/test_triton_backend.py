@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kv_cases import ATOL, FP8, kernel_device
-
 from baton.kernels.attention import (
     AttentionMetadata,
     LayerAttentionParams,
     TorchReferenceBackend,
     get_backend,
 )
+from kv_cases import ATOL, FP8, kernel_device
 
 
 def _step(qlens, slens, dtype, kv_dtype, params, bs=16, hq=8, hkv=2, dim=64):

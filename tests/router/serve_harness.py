@@ -31,8 +31,14 @@ def router_args(model_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:
     """A small colocated config: fp32 CPU engine, few KV blocks, short context."""
     args: dict[str, Any] = {
         "model": {"path": str(model_dir), "name": MODEL_NAME},
-        "engine": {"device": "cpu", "dtype": "float32", "num_kv_blocks": 64, "max_model_len": 256,
-                   "block_size": 16, "max_num_batched_tokens": 512},
+        "engine": {
+            "device": "cpu",
+            "dtype": "float32",
+            "num_kv_blocks": 64,
+            "max_model_len": 256,
+            "block_size": 16,
+            "max_num_batched_tokens": 512,
+        },
         "pools": {"mode": "colocated"},
         "server": {"grpc_port": 0},
     }
@@ -62,8 +68,11 @@ class Harness:
         deadline = time.monotonic() + timeout
         while True:
             st = self.admin_stats()
-            busy = st["admitted"] or st["queued"] or any(
-                w["num_running"] or w["num_waiting"] for w in st["workers"])
+            busy = (
+                st["admitted"]
+                or st["queued"]
+                or any(w["num_running"] or w["num_waiting"] for w in st["workers"])
+            )
             if not busy or time.monotonic() > deadline:
                 return st
             time.sleep(0.1)
@@ -79,23 +88,29 @@ class Harness:
 
 
 @contextlib.contextmanager
-def serve_router(args: dict[str, Any], *, grpc: bool = False, admin_key: str | None = None
-                 ) -> Iterator[Harness]:
+def serve_router(
+    args: dict[str, Any], *, grpc: bool = False, admin_key: str | None = None
+) -> Iterator[Harness]:
     import ray
-    from ray import serve
-
     from baton.router.app import build_app
+    from ray import serve
 
     http_port = free_port()
     grpc_port = free_port() if grpc else 0
     args = {**args, "server": {**args.get("server", {}), "grpc_port": grpc_port}}
-    ray.init(num_cpus=2, include_dashboard=False, namespace="baton-test",
-             log_to_driver=False, configure_logging=False)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        namespace="baton-test",
+        log_to_driver=False,
+        configure_logging=False,
+    )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})
         serve.run(build_app(args), name="baton", route_prefix="/")
-        h = Harness(f"http://127.0.0.1:{http_port}",
-                    f"127.0.0.1:{grpc_port}" if grpc else None, admin_key)
+        h = Harness(
+            f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}" if grpc else None, admin_key
+        )
         deadline = time.monotonic() + 60
         while True:
             try:

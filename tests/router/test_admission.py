@@ -8,7 +8,6 @@ import asyncio
 
 import httpx
 import pytest
-
 from baton.cluster.serve_config import AdmissionSection, TenantLimits
 from baton.router.admission import AdmissionController
 from baton.router.errors import APIError
@@ -31,15 +30,23 @@ def router(tiny_model_dir):
 
 
 async def _one(c: httpx.AsyncClient, i: int, max_tokens: int) -> httpx.Response:
-    return await c.post("/v1/completions", json={
-        "model": "tiny", "prompt": f"Request {i}: the quick brown fox jumps", "temperature": 0,
-        "max_tokens": max_tokens, "ignore_eos": True})
+    return await c.post(
+        "/v1/completions",
+        json={
+            "model": "tiny",
+            "prompt": f"Request {i}: the quick brown fox jumps",
+            "temperature": 0,
+            "max_tokens": max_tokens,
+            "ignore_eos": True,
+        },
+    )
 
 
 def test_burst_beyond_kv_budget(router) -> None:
     async def run() -> tuple[list[httpx.Response], list[httpx.Response]]:
-        async with httpx.AsyncClient(base_url=router.base_url, timeout=180,
-                                     limits=httpx.Limits(max_connections=BURST + 8)) as c:
+        async with httpx.AsyncClient(
+            base_url=router.base_url, timeout=180, limits=httpx.Limits(max_connections=BURST + 8)
+        ) as c:
             warm = [await _one(c, i, PREDICTED) for i in range(8)]
             burst = await asyncio.gather(*(_one(c, i, ACTUAL) for i in range(BURST)))
             return warm, list(burst)
@@ -70,8 +77,12 @@ def test_fair_queue_and_limits_unit() -> None:
 
     async def run() -> None:
         now = [0.0]
-        cfg = AdmissionSection(min_samples=1, max_queue_per_tenant=4, queue_timeout_s=5,
-                               tenant_limits={"slow": TenantLimits(tokens_per_minute=60)})
+        cfg = AdmissionSection(
+            min_samples=1,
+            max_queue_per_tenant=4,
+            queue_timeout_s=5,
+            tenant_limits={"slow": TenantLimits(tokens_per_minute=60)},
+        )
         adm = AdmissionController(cfg, total_blocks=10, block_size=16, clock=lambda: now[0])
         big = await adm.acquire("r0", "a", "k", 16 * 8, 16)  # takes 9 of the 9 budget blocks
         order: list[str] = []

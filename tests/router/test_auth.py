@@ -6,7 +6,6 @@ import hashlib
 
 import pytest
 import yaml
-
 from baton.router.auth import Authenticator, KeysFile, bearer_key
 from serve_harness import router_args, serve_router
 
@@ -60,8 +59,9 @@ def test_bearer_parsing() -> None:
 def router(tiny_model_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("keys") / "keys.yaml"
     path.write_text(yaml.safe_dump(KEYS))
-    with serve_router(router_args(tiny_model_dir, tenants={"api_keys_file": str(path)}),
-                      admin_key="sk-admin") as h:
+    with serve_router(
+        router_args(tiny_model_dir, tenants={"api_keys_file": str(path)}), admin_key="sk-admin"
+    ) as h:
         yield h
 
 

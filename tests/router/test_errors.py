@@ -8,7 +8,6 @@ import time
 
 import httpx
 import pytest
-
 from serve_harness import router_args, serve_router
 
 LIMITED = "sk-limited"
@@ -19,15 +18,23 @@ def router(tiny_model_dir, tmp_path_factory):
     import yaml
 
     keys = tmp_path_factory.mktemp("keys") / "keys.yaml"
-    keys.write_text(yaml.safe_dump({
-        "tenants": {"t": {"keys": ["sk-t"]}, "limited": {"keys": [LIMITED]}},
-        "admin_keys": ["sk-admin"]}))
+    keys.write_text(
+        yaml.safe_dump(
+            {
+                "tenants": {"t": {"keys": ["sk-t"]}, "limited": {"keys": [LIMITED]}},
+                "admin_keys": ["sk-admin"],
+            }
+        )
+    )
     args = router_args(
         tiny_model_dir,
         tenants={"api_keys_file": str(keys)},
         server={"max_body_bytes": 8192},
-        admission={"max_queue_per_tenant": 2, "queue_timeout_s": 60,
-                   "tenant_limits": {"limited": {"max_concurrency": 1}}},
+        admission={
+            "max_queue_per_tenant": 2,
+            "queue_timeout_s": 60,
+            "tenant_limits": {"limited": {"max_concurrency": 1}},
+        },
     )
     with serve_router(args, admin_key="sk-admin") as h:
         yield h
@@ -45,32 +52,66 @@ def test_error_table(router) -> None:
         with router.client() as anon:
             assert _err(anon.post("/v1/completions", json={}), 401)["code"] == "invalid_api_key"
         # 400: context overflow with the three numbers
-        e = _err(c.post("/v1/completions", json={"model": "tiny", "prompt": "fox " * 200,
-                                                 "max_tokens": 100}), 400)
+        e = _err(
+            c.post(
+                "/v1/completions", json={"model": "tiny", "prompt": "fox " * 200, "max_tokens": 100}
+            ),
+            400,
+        )
         assert e["code"] == "context_length_exceeded"
         assert e["max_tokens"] == 100 and e["max_model_len"] == 256 and e["prompt_tokens"] > 156
         # ... and truncation only when asked, said in the response
-        r = c.post("/v1/completions", json={"model": "tiny", "prompt": "fox " * 200,
-                                            "max_tokens": 4, "truncate_prompt_tokens": 32})
+        r = c.post(
+            "/v1/completions",
+            json={
+                "model": "tiny",
+                "prompt": "fox " * 200,
+                "max_tokens": 4,
+                "truncate_prompt_tokens": 32,
+            },
+        )
         assert r.status_code == 200 and r.json()["truncated"] is True
         assert r.json()["usage"]["prompt_tokens"] == 32
         # 400: bad fields, named
         assert _err(c.post("/v1/completions", content=b"{not json"), 400)["param"] is None
-        e = _err(c.post("/v1/completions", json={"model": "tiny", "prompt": "x",
-                                                 "temperature": -1}), 400)
+        e = _err(
+            c.post("/v1/completions", json={"model": "tiny", "prompt": "x", "temperature": -1}), 400
+        )
         assert e["param"] == "temperature"
-        e = _err(c.post("/v1/chat/completions", json={"model": "tiny", "messages": [
-            {"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}), 400)
+        e = _err(
+            c.post(
+                "/v1/chat/completions",
+                json={
+                    "model": "tiny",
+                    "messages": [
+                        {"role": "user", "content": "hi"},
+                        {"role": "robot", "content": "x"},
+                    ],
+                },
+            ),
+            400,
+        )
         assert e["param"] == "messages.1.role"
-        assert _err(c.post("/v1/chat/completions", json={"model": "tiny"}), 400)["param"] == \
-            "messages"
-        assert _err(c.post("/v1/completions", json={"model": "tiny", "prompt": [1, 2, 10**7]}),
-                    400)["param"] == "prompt"
-        assert _err(c.post("/v1/completions", json={"model": "tiny", "prompt": "x", "top_k": -5}),
-                    400)["param"] == "top_k"
+        assert (
+            _err(c.post("/v1/chat/completions", json={"model": "tiny"}), 400)["param"] == "messages"
+        )
+        assert (
+            _err(c.post("/v1/completions", json={"model": "tiny", "prompt": [1, 2, 10**7]}), 400)[
+                "param"
+            ]
+            == "prompt"
+        )
+        assert (
+            _err(
+                c.post("/v1/completions", json={"model": "tiny", "prompt": "x", "top_k": -5}), 400
+            )["param"]
+            == "top_k"
+        )
         # 404: unknown model
-        assert _err(c.post("/v1/completions", json={"model": "gpt-9", "prompt": "x"}),
-                    404)["param"] == "model"
+        assert (
+            _err(c.post("/v1/completions", json={"model": "gpt-9", "prompt": "x"}), 404)["param"]
+            == "model"
+        )
         # 413: oversized body
         e = _err(c.post("/v1/completions", json={"model": "tiny", "prompt": "x" * 20000}), 413)
         assert e["limit_bytes"] == 8192
@@ -78,19 +119,27 @@ def test_error_table(router) -> None:
 
 
 def test_queue_full_429_with_retry_after_and_disconnect_aborts(router) -> None:
-    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0,
-            "ignore_eos": True}
+    body = {
+        "model": "tiny",
+        "prompt": "Once upon a time",
+        "max_tokens": 200,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     statuses: list[int] = []
-    with router.client(LIMITED) as c, c.stream("POST", "/v1/completions",
-                                               json={**body, "stream": True}) as hold:
+    with (
+        router.client(LIMITED) as c,
+        c.stream("POST", "/v1/completions", json={**body, "stream": True}) as hold,
+    ):
         assert hold.status_code == 200
         lines = hold.iter_lines()
         assert next(lines).startswith("data: ")  # admitted and streaming: the slot is taken
 
         def queued() -> None:
             with router.client(LIMITED, timeout=120) as q:
-                statuses.append(q.post("/v1/completions", json={**body, "max_tokens": 2}
-                                       ).status_code)
+                statuses.append(
+                    q.post("/v1/completions", json={**body, "max_tokens": 2}).status_code
+                )
 
         waiters = [threading.Thread(target=queued) for _ in range(2)]
         for t in waiters:
@@ -111,5 +160,6 @@ def test_queue_full_429_with_retry_after_and_disconnect_aborts(router) -> None:
     with router.client("sk-t") as c:
         m = c.get("/metrics").text
     assert 'vllm:request_success_total{finished_reason="abort",model_name="tiny"} 1.0' in m
-    assert ('baton:requests_rejected_total{model_name="tiny",reason="queue_full",'
-            'tenant="limited"} 1.0') in m
+    assert (
+        'baton:requests_rejected_total{model_name="tiny",reason="queue_full",tenant="limited"} 1.0'
+    ) in m

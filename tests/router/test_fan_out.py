@@ -13,9 +13,8 @@ import time
 import httpx
 import pytest
 import yaml
-
-from baton.router.admission import AdmissionController
 from baton.cluster.serve_config import AdmissionSection
+from baton.router.admission import AdmissionController
 from inproc_router import inproc_router
 
 pytestmark = pytest.mark.timeout(120)
@@ -29,12 +28,20 @@ def router(tiny_model_dir, tmp_path_factory):
     keys.write_text(yaml.safe_dump({"tenants": {"fan": {"keys": [KEY]}}}))
     args = {
         "model": {"path": str(tiny_model_dir), "name": "tiny"},
-        "engine": {"device": "cpu", "dtype": "float32", "num_kv_blocks": 48, "max_model_len": 128,
-                   "block_size": 16, "max_num_batched_tokens": 256},
+        "engine": {
+            "device": "cpu",
+            "dtype": "float32",
+            "num_kv_blocks": 48,
+            "max_model_len": 128,
+            "block_size": 16,
+            "max_num_batched_tokens": 256,
+        },
         "pools": {"mode": "colocated"},
         "tenants": {"api_keys_file": str(keys)},
-        "admission": {"queue_timeout_s": QUEUE_TIMEOUT_S,
-                      "tenant_limits": {"fan": {"max_concurrency": 2}}},
+        "admission": {
+            "queue_timeout_s": QUEUE_TIMEOUT_S,
+            "tenant_limits": {"fan": {"max_concurrency": 2}},
+        },
     }
     with inproc_router(args) as r:
         yield r
@@ -42,8 +49,9 @@ def router(tiny_model_dir, tmp_path_factory):
 
 def post(router, **body) -> tuple[httpx.Response, float]:
     t0 = time.monotonic()
-    with httpx.Client(base_url=router.base_url, timeout=60,
-                      headers={"Authorization": f"Bearer {KEY}"}) as c:
+    with httpx.Client(
+        base_url=router.base_url, timeout=60, headers={"Authorization": f"Bearer {KEY}"}
+    ) as c:
         r = c.post("/v1/completions", json={"model": "tiny", "prompt": "hi", **body})
     return r, time.monotonic() - t0
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
 from serve_harness import router_args, serve_router
 
 SYSTEM = ("You are a helpful assistant. Answer briefly and politely. " * 6).strip()
@@ -13,22 +12,39 @@ SYSTEM = ("You are a helpful assistant. Answer briefly and politely. " * 6).stri
 @pytest.fixture(scope="module")
 def router(tiny_model_dir, tmp_path_factory):
     keys = tmp_path_factory.mktemp("keys") / "keys.yaml"
-    keys.write_text(yaml.safe_dump({"tenants": {
-        "a": {"keys": ["sk-a"]},
-        "b": {"keys": ["sk-b"]},
-        "acme-chat": {"keys": ["sk-acme-chat"], "prefix_namespace": "shared-acme"},
-        "acme-search": {"keys": ["sk-acme-search"], "prefix_namespace": "shared-acme"},
-    }, "admin_keys": ["sk-admin"]}))
-    with serve_router(router_args(tiny_model_dir, tenants={"api_keys_file": str(keys)}),
-                      admin_key="sk-admin") as h:
+    keys.write_text(
+        yaml.safe_dump(
+            {
+                "tenants": {
+                    "a": {"keys": ["sk-a"]},
+                    "b": {"keys": ["sk-b"]},
+                    "acme-chat": {"keys": ["sk-acme-chat"], "prefix_namespace": "shared-acme"},
+                    "acme-search": {"keys": ["sk-acme-search"], "prefix_namespace": "shared-acme"},
+                },
+                "admin_keys": ["sk-admin"],
+            }
+        )
+    )
+    with serve_router(
+        router_args(tiny_model_dir, tenants={"api_keys_file": str(keys)}), admin_key="sk-admin"
+    ) as h:
         yield h
 
 
 def _cached(router, key: str, user: str, system: str = SYSTEM) -> tuple[int, int]:
     with router.client(key) as c:
-        r = c.post("/v1/chat/completions", json={
-            "model": "tiny", "max_tokens": 2, "temperature": 0,
-            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]})
+        r = c.post(
+            "/v1/chat/completions",
+            json={
+                "model": "tiny",
+                "max_tokens": 2,
+                "temperature": 0,
+                "messages": [
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": user},
+                ],
+            },
+        )
         assert r.status_code == 200, r.text
         u = r.json()["usage"]
         return u["prompt_tokens"], u["prompt_tokens_details"]["cached_tokens"]

@@ -16,13 +16,12 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from baton.cluster import tracing  # noqa: E402
 from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E402
     InMemorySpanExporter,
 )
-
-from baton.cluster import tracing  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cluster_stack import MODEL_NAME, cluster_stack  # noqa: E402
@@ -42,8 +41,9 @@ def traced(tiny_model_dir, tmp_path_factory):
     provider.add_span_processor(SimpleSpanProcessor(mem))
     tracing.configure(provider)
     try:
-        with cluster_stack(tiny_model_dir, "baton-tracing",
-                           env={"BATON_TRACE_FILE": str(span_file)}) as stack:
+        with cluster_stack(
+            tiny_model_dir, "baton-tracing", env={"BATON_TRACE_FILE": str(span_file)}
+        ) as stack:
             yield stack, mem, str(span_file)
     finally:
         tracing.configure(None)
@@ -65,16 +65,26 @@ def _one(spans: list[dict], name: str) -> dict:
 
 
 def _router_spans(mem: InMemorySpanExporter, trace_id: str) -> list[dict]:
-    return [tracing.span_record(s) for s in mem.get_finished_spans()
-            if f"{s.context.trace_id:032x}" == trace_id]
+    return [
+        tracing.span_record(s)
+        for s in mem.get_finished_spans()
+        if f"{s.context.trace_id:032x}" == trace_id
+    ]
 
 
 def test_one_trace_across_router_prefill_transfer_decode(traced):
     stack, mem, span_file = traced
-    headers = {"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01",
-               "authorization": "Bearer sk-never-in-a-span"}
-    body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 6, "temperature": 0,
-            "ignore_eos": True}
+    headers = {
+        "traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01",
+        "authorization": "Bearer sk-never-in-a-span",
+    }
+    body = {
+        "model": MODEL_NAME,
+        "prompt": PROMPT,
+        "max_tokens": 6,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     r = stack.run(stack.post("/v1/completions", body, headers))
     assert r.status_code == 200, r.text
     usage = r.json()["usage"]
@@ -146,8 +156,12 @@ def test_exporter_selection_from_the_otel_environment():
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
     assert tracing._exporters_from_env({}, None) == []  # nothing configured: no-op tracer
-    assert tracing._exporters_from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x:6006",
-                                        "OTEL_TRACES_EXPORTER": "none"}, None) == []
+    assert (
+        tracing._exporters_from_env(
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x:6006", "OTEL_TRACES_EXPORTER": "none"}, None
+        )
+        == []
+    )
     procs = tracing._exporters_from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x:6006"}, None)
     assert len(procs) == 1
     exp = procs[0].span_exporter

@@ -20,10 +20,9 @@ import grpc
 import httpx
 import pytest
 import yaml
+from baton.protos.build import ensure_generated
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from baton.protos.build import ensure_generated
 from inproc_router import inproc_router
 
 ensure_generated()
@@ -37,10 +36,20 @@ pytestmark = pytest.mark.timeout(300)
 
 KEY, ADMIN = "sk-fuzz-tenant", "sk-fuzz-admin"
 EXAMPLES = 50  # per operation and generation mode
-OK_GRPC = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED,
-           grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED}
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-                suppress_health_check=list(HealthCheck))
+OK_GRPC = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +58,14 @@ def router(tiny_model_dir, tmp_path_factory):
     keys.write_text(yaml.safe_dump({"tenants": {"f": {"keys": [KEY]}}, "admin_keys": [ADMIN]}))
     args = {
         "model": {"path": str(tiny_model_dir), "name": "tiny"},
-        "engine": {"device": "cpu", "dtype": "float32", "num_kv_blocks": 48, "max_model_len": 64,
-                   "block_size": 16, "max_num_batched_tokens": 256},
+        "engine": {
+            "device": "cpu",
+            "dtype": "float32",
+            "num_kv_blocks": 48,
+            "max_model_len": 64,
+            "block_size": 16,
+            "max_num_batched_tokens": 256,
+        },
         "pools": {"mode": "colocated"},
         "tenants": {"api_keys_file": str(keys)},
         "server": {"max_body_bytes": 2 * 1024 * 1024},
@@ -69,7 +84,6 @@ def _body_schema(model: type) -> tuple[dict, dict]:
 def openapi_schema(app) -> dict:
     """FastAPI's description of the app, with each POST route's JSON body described."""
     from baton.router.schemas import ChatCompletionRequest, CompletionRequest
-
     from fastapi.openapi.utils import get_openapi
 
     doc = get_openapi(title="Baton", version="1", routes=app.routes)
@@ -86,15 +100,24 @@ def openapi_schema(app) -> dict:
             else:
                 assert path == "/admin/cache/purge", f"describe the body of POST {path} here"
                 schema = purge
-            op["requestBody"] = {"required": path in bodies,
-                                 "content": {"application/json": {"schema": schema}}}
+            op["requestBody"] = {
+                "required": path in bodies,
+                "content": {"application/json": {"schema": schema}},
+            }
     return doc
 
 
 def test_openapi_covers_every_route(router) -> None:
     doc = openapi_schema(router.app)
-    assert set(doc["paths"]) == {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health",
-                                 "/metrics", "/admin/cache/purge", "/admin/stats"}
+    assert set(doc["paths"]) == {
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/health",
+        "/metrics",
+        "/admin/cache/purge",
+        "/admin/stats",
+    }
 
 
 def _check_http(resp, label: str) -> None:
@@ -126,8 +149,9 @@ def test_http_schema_fuzz(router, mode) -> None:
                     kw["content"] = bytes(body)
                 elif body is not NOT_SET:
                     kw["json"] = body
-                resp = http.request(op.method.upper(), op.path,
-                                    headers={"Authorization": f"Bearer {key}"}, **kw)
+                resp = http.request(
+                    op.method.upper(), op.path, headers={"Authorization": f"Bearer {key}"}, **kw
+                )
                 calls["n"] += 1
                 calls["ok"] += resp.status_code == 200
                 _check_http(resp, f"{op.method} {op.path} {str(body)[:200]}")
@@ -162,10 +186,10 @@ def test_http_edge_bodies(router) -> None:
         b'{"model": "tiny", "prompt": "hi", "logit_bias": {"x": 1}, "unknown": [1, {"a": 2}]}',
         b'{"model": "tiny", "prompt": "hi", "n": 4, "max_tokens": 40, "stream": true}',
         b'{"model": "tiny", "prompt": "hi", "truncate_prompt_tokens": 99999999}',
-        b'[' * 10000 + b']' * 10000,
+        b"[" * 10000 + b"]" * 10000,
         b'{"model": {"a": 1}, "prompt": true}',
         ('{"model": "tiny", "prompt": "%s"}' % big).encode(),
-        b'\x00\x01\x02',
+        b"\x00\x01\x02",
     ]
     chat = [
         b'{"model": "tiny", "messages": []}',
@@ -180,8 +204,7 @@ def test_http_edge_bodies(router) -> None:
             _check_http(c.post("/v1/completions", content=raw, headers=h), raw[:80])
         for raw in chat:
             _check_http(c.post("/v1/chat/completions", content=raw, headers=h), raw[:80])
-        r = c.post("/v1/completions", content=b'{"prompt": "' + b"x" * (3 << 20) + b'"}',
-                   headers=h)
+        r = c.post("/v1/completions", content=b'{"prompt": "' + b"x" * (3 << 20) + b'"}', headers=h)
         assert r.status_code == 413, r.text[:200]
     router.assert_no_leak()
 
@@ -206,31 +229,48 @@ def _field(num: int, wire: int, payload: bytes) -> bytes:
 
 
 floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
-params_st = st.fixed_dictionaries({}, optional={
-    "max_tokens": st.integers(0, 2**32 - 1),
-    "temperature": floats, "top_p": floats, "min_p": floats,
-    "top_k": st.integers(-(2**31), 2**31 - 1), "seed": st.integers(-(2**63), 2**63 - 1),
-    "logprobs": st.integers(0, 2**32 - 1), "min_tokens": st.integers(0, 2**32 - 1),
-    "presence_penalty": floats, "frequency_penalty": floats, "repetition_penalty": floats,
-    "stop": st.lists(st.text(max_size=8), max_size=20),
-    "stop_token_ids": st.lists(st.integers(0, 2**32 - 1), max_size=5),
-    "ignore_eos": st.booleans(),
-})
+params_st = st.fixed_dictionaries(
+    {},
+    optional={
+        "max_tokens": st.integers(0, 2**32 - 1),
+        "temperature": floats,
+        "top_p": floats,
+        "min_p": floats,
+        "top_k": st.integers(-(2**31), 2**31 - 1),
+        "seed": st.integers(-(2**63), 2**63 - 1),
+        "logprobs": st.integers(0, 2**32 - 1),
+        "min_tokens": st.integers(0, 2**32 - 1),
+        "presence_penalty": floats,
+        "frequency_penalty": floats,
+        "repetition_penalty": floats,
+        "stop": st.lists(st.text(max_size=8), max_size=20),
+        "stop_token_ids": st.lists(st.integers(0, 2**32 - 1), max_size=5),
+        "ignore_eos": st.booleans(),
+    },
+)
 
 
 @st.composite
 def generate_requests(draw) -> bytes:
-    msg = pb.GenerateRequest(model=draw(st.sampled_from(["tiny", "tiny", "", "gpt-9"])),
-                             request_id=draw(st.sampled_from(["", "r1", "x" * 300])))
+    msg = pb.GenerateRequest(
+        model=draw(st.sampled_from(["tiny", "tiny", "", "gpt-9"])),
+        request_id=draw(st.sampled_from(["", "r1", "x" * 300])),
+    )
     which = draw(st.sampled_from(["text", "ids", "chat", "none"]))
     if which == "text":
         msg.text = draw(st.text(max_size=200))
     elif which == "ids":
         msg.token_ids.ids.extend(draw(st.lists(st.integers(0, 2**32 - 1), max_size=80)))
     elif which == "chat":
-        for role, content in draw(st.lists(st.tuples(
-                st.sampled_from(["user", "system", "assistant", "robot", ""]),
-                st.text(max_size=40)), max_size=3)):
+        for role, content in draw(
+            st.lists(
+                st.tuples(
+                    st.sampled_from(["user", "system", "assistant", "robot", ""]),
+                    st.text(max_size=40),
+                ),
+                max_size=3,
+            )
+        ):
             msg.chat.messages.add(role=role, content=content)
     p = draw(params_st)
     for k, v in p.items():
@@ -288,8 +328,9 @@ def test_grpc_edge_messages(router) -> None:
         pb.GenerateRequest(model="tiny", text=big),
         pb.GenerateRequest(model="tiny"),  # no input at all
         pb.GenerateRequest(model="tiny", chat=pb.ChatMessages()),
-        pb.GenerateRequest(model="tiny", text="hi",
-                           params=pb.SamplingParams(temperature=math.nan, top_p=math.inf)),
+        pb.GenerateRequest(
+            model="tiny", text="hi", params=pb.SamplingParams(temperature=math.nan, top_p=math.inf)
+        ),
         pb.GenerateRequest(model="tiny", text="hi", params=pb.SamplingParams(max_tokens=2**32 - 1)),
         pb.GenerateRequest(model="tiny", text="hi", params=pb.SamplingParams(max_tokens=0)),
         pb.GenerateRequest(model="tiny", text="hi", params=pb.SamplingParams(top_k=-(2**31))),
@@ -298,17 +339,23 @@ def test_grpc_edge_messages(router) -> None:
         pb.GenerateRequest(model="tiny", token_ids=pb.TokenIds(ids=[2**32 - 1])),
     ]
     raws = [m.SerializeToString() for m in cases]
-    raws += [b"\xff" * 32, _field(3, 2, b"\xc3\x28"), _field(4, 2, b"\xff\xff\xff"),
-             _field(6, 2, _field(2, 5, struct.pack("<f", math.nan))),
-             _field(6, 2, _field(1, 0, _varint(-1)))]
-    with grpc.insecure_channel(router.grpc_target,
-                               options=[("grpc.max_send_message_length", 8 << 20)]) as ch:
+    raws += [
+        b"\xff" * 32,
+        _field(3, 2, b"\xc3\x28"),
+        _field(4, 2, b"\xff\xff\xff"),
+        _field(6, 2, _field(2, 5, struct.pack("<f", math.nan))),
+        _field(6, 2, _field(1, 0, _varint(-1))),
+    ]
+    with grpc.insecure_channel(
+        router.grpc_target, options=[("grpc.max_send_message_length", 8 << 20)]
+    ) as ch:
         for raw in raws:
             code = _call(ch, raw)
             assert code in OK_GRPC, f"{code} for {raw[:80]!r}"
-        assert _call(ch, pb.GenerateRequest(model="tiny", text="x" * (3 << 20)
-                                            ).SerializeToString()) == \
-            grpc.StatusCode.RESOURCE_EXHAUSTED  # over max_body_bytes
+        assert (
+            _call(ch, pb.GenerateRequest(model="tiny", text="x" * (3 << 20)).SerializeToString())
+            == grpc.StatusCode.RESOURCE_EXHAUSTED
+        )  # over max_body_bytes
         assert _call(ch, raws[0], key=None) == grpc.StatusCode.UNAUTHENTICATED
     router.assert_no_leak()
 
@@ -319,7 +366,10 @@ def test_n_larger_than_kv_budget_answers_at_once(router) -> None:
 
     t0 = time.monotonic()
     with httpx.Client(base_url=router.base_url, timeout=120) as c:
-        r = c.post("/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, json={
-            "model": "tiny", "prompt": "hi", "n": 16, "max_tokens": 40, "ignore_eos": True})
+        r = c.post(
+            "/v1/completions",
+            headers={"Authorization": f"Bearer {KEY}"},
+            json={"model": "tiny", "prompt": "hi", "n": 16, "max_tokens": 40, "ignore_eos": True},
+        )
     assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text[:200]
     assert time.monotonic() - t0 < 4, f"{r.status_code} after {time.monotonic() - t0:.0f} s"

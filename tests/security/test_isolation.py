@@ -24,7 +24,6 @@ import grpc
 import httpx
 import pytest
 import yaml
-
 from baton.protos.build import ensure_generated
 from inproc_router import inproc_router
 
@@ -56,11 +55,10 @@ class _Capture(logging.Handler):
 def spans():
     """An in-memory span exporter when the tracing module exists (None otherwise)."""
     try:
+        from baton.cluster import tracing
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import SimpleSpanProcessor
         from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-        from baton.cluster import tracing
     except ImportError:
         yield None
         return
@@ -92,13 +90,24 @@ def logs():
 @pytest.fixture(scope="module")
 def router(tiny_model_dir, tmp_path_factory, logs, spans):
     keys = tmp_path_factory.mktemp("keys") / "keys.yaml"
-    keys.write_text(yaml.safe_dump({"tenants": {"a": {"keys": [KEYS["a"]]},
-                                                "b": {"keys": [KEYS["b"]]}},
-                                    "admin_keys": [KEYS["admin"]]}))
+    keys.write_text(
+        yaml.safe_dump(
+            {
+                "tenants": {"a": {"keys": [KEYS["a"]]}, "b": {"keys": [KEYS["b"]]}},
+                "admin_keys": [KEYS["admin"]],
+            }
+        )
+    )
     args = {
         "model": {"path": str(tiny_model_dir), "name": "tiny"},
-        "engine": {"device": "cpu", "dtype": "float32", "num_kv_blocks": 1024,
-                   "max_model_len": 256, "block_size": 16, "max_num_batched_tokens": 16},
+        "engine": {
+            "device": "cpu",
+            "dtype": "float32",
+            "num_kv_blocks": 1024,
+            "max_model_len": 256,
+            "block_size": 16,
+            "max_num_batched_tokens": 16,
+        },
         "pools": {"mode": "colocated"},
         "tenants": {"api_keys_file": str(keys)},
     }
@@ -110,13 +119,24 @@ def _h(key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
-HTTP_ENDPOINTS = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
-                  ("GET", "/v1/models"), ("POST", "/admin/cache/purge"), ("GET", "/admin/stats")]
+HTTP_ENDPOINTS = [
+    ("POST", "/v1/completions"),
+    ("POST", "/v1/chat/completions"),
+    ("GET", "/v1/models"),
+    ("POST", "/admin/cache/purge"),
+    ("GET", "/admin/stats"),
+]
 
 
 def test_every_endpoint_needs_a_key(router) -> None:
-    bad_headers = [{}, _h(WRONG), {"Authorization": "Bearer"}, {"Authorization": f"Basic {WRONG}"},
-                   {"x-api-key": WRONG}, {"Authorization": KEYS["a"]}]  # no scheme: not a bearer
+    bad_headers = [
+        {},
+        _h(WRONG),
+        {"Authorization": "Bearer"},
+        {"Authorization": f"Basic {WRONG}"},
+        {"x-api-key": WRONG},
+        {"Authorization": KEYS["a"]},
+    ]  # no scheme: not a bearer
     with httpx.Client(base_url=router.base_url, timeout=30) as c:
         for method, path in HTTP_ENDPOINTS:
             for headers in bad_headers:
@@ -135,16 +155,22 @@ def test_every_endpoint_needs_a_key(router) -> None:
     with grpc.insecure_channel(router.grpc_target) as ch:
         stub = pb_grpc.GenerationStub(ch)
         calls = [
-            lambda md: list(stub.Generate(pb.GenerateRequest(model="tiny", text="hi"),
-                                          metadata=md, timeout=30)),
+            lambda md: list(
+                stub.Generate(pb.GenerateRequest(model="tiny", text="hi"), metadata=md, timeout=30)
+            ),
             lambda md: stub.Abort(pb.AbortRequest(request_id="x"), metadata=md, timeout=30),
-            lambda md: stub.Tokenize(pb.TokenizeRequest(model="tiny", text="hi"), metadata=md,
-                                     timeout=30),
+            lambda md: stub.Tokenize(
+                pb.TokenizeRequest(model="tiny", text="hi"), metadata=md, timeout=30
+            ),
             lambda md: stub.ListModels(pb.ListModelsRequest(), metadata=md, timeout=30),
         ]
         for call in calls:
-            for md in [(), (("authorization", f"Bearer {WRONG}"),), (("x-api-key", WRONG),),
-                       (("authorization", f"Bearer {KEYS['admin']}"),)]:
+            for md in [
+                (),
+                (("authorization", f"Bearer {WRONG}"),),
+                (("x-api-key", WRONG),),
+                (("authorization", f"Bearer {KEYS['admin']}"),),
+            ]:
                 with pytest.raises(grpc.RpcError) as err:
                     call(md)
                 assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, (md, err.value)
@@ -155,8 +181,11 @@ def test_every_endpoint_needs_a_key(router) -> None:
 
 def _complete(c: httpx.Client, key: str, prompt, **extra) -> tuple[int, float]:
     t0 = time.perf_counter()
-    r = c.post("/v1/completions", headers=_h(key), json={
-        "model": "tiny", "prompt": prompt, "max_tokens": 1, "temperature": 0, **extra})
+    r = c.post(
+        "/v1/completions",
+        headers=_h(key),
+        json={"model": "tiny", "prompt": prompt, "max_tokens": 1, "temperature": 0, **extra},
+    )
     dt = time.perf_counter() - t0
     assert r.status_code == 200, r.text
     return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"], dt
@@ -164,9 +193,13 @@ def _complete(c: httpx.Client, key: str, prompt, **extra) -> tuple[int, float]:
 
 def _grpc_cached(stub, key: str, ids: list[int]) -> int:
     last = None
-    for last in stub.Generate(pb.GenerateRequest(model="tiny", token_ids=pb.TokenIds(ids=ids),
-                                                 params=pb.SamplingParams(max_tokens=1)),
-                              metadata=(("authorization", f"Bearer {key}"),), timeout=30):
+    for last in stub.Generate(
+        pb.GenerateRequest(
+            model="tiny", token_ids=pb.TokenIds(ids=ids), params=pb.SamplingParams(max_tokens=1)
+        ),
+        metadata=(("authorization", f"Bearer {key}"),),
+        timeout=30,
+    ):
         pass
     return last.usage.cached_tokens
 
@@ -179,8 +212,9 @@ def test_no_cross_tenant_hits_and_no_body_override(router) -> None:
         assert _complete(c, KEYS["a"], p)[0] == 0
         assert _complete(c, KEYS["a"], p)[0] >= PROMPT_LEN - 16  # a's own repeat hits
         # b: identical prompt, also when b claims a's namespace/tenant in the body
-        assert _complete(c, KEYS["b"], p, namespace="a", tenant="a", user="a",
-                         cache_salt="")[0] == 0
+        assert (
+            _complete(c, KEYS["b"], p, namespace="a", tenant="a", user="a", cache_salt="")[0] == 0
+        )
         with grpc.insecure_channel(router.grpc_target) as ch:
             stub = pb_grpc.GenerationStub(ch)
             assert _grpc_cached(stub, KEYS["a"], q) == 0
@@ -201,19 +235,27 @@ def test_no_cross_tenant_hits_and_no_body_override(router) -> None:
 def test_tenant_cannot_abort_or_collide_with_another_tenants_request(router) -> None:
     with grpc.insecure_channel(router.grpc_target) as ch:
         stub = pb_grpc.GenerationStub(ch)
-        req = pb.GenerateRequest(model="tiny", text="Once upon a time", request_id="shared-id",
-                                 params=pb.SamplingParams(max_tokens=48, temperature=0,
-                                                          ignore_eos=True))
-        a_stream = stub.Generate(req, metadata=(("authorization", f"Bearer {KEYS['a']}"),),
-                                 timeout=60)
+        req = pb.GenerateRequest(
+            model="tiny",
+            text="Once upon a time",
+            request_id="shared-id",
+            params=pb.SamplingParams(max_tokens=48, temperature=0, ignore_eos=True),
+        )
+        a_stream = stub.Generate(
+            req, metadata=(("authorization", f"Bearer {KEYS['a']}"),), timeout=60
+        )
         first = next(a_stream)
         assert first.request_id == "shared-id"
         # b: same client request id, concurrently (ids are per tenant), and an Abort of it
-        b_msgs = list(stub.Generate(req, metadata=(("authorization", f"Bearer {KEYS['b']}"),),
-                                    timeout=60))
+        b_msgs = list(
+            stub.Generate(req, metadata=(("authorization", f"Bearer {KEYS['b']}"),), timeout=60)
+        )
         assert b_msgs[-1].finish_reason == "length"
-        got = stub.Abort(pb.AbortRequest(request_id="shared-id"),
-                         metadata=(("authorization", f"Bearer {KEYS['b']}"),), timeout=30)
+        got = stub.Abort(
+            pb.AbortRequest(request_id="shared-id"),
+            metadata=(("authorization", f"Bearer {KEYS['b']}"),),
+            timeout=30,
+        )
         assert got.aborted is False
         rest = list(a_stream)
         assert rest[-1].finish_reason == "length"  # a's request ran to its end
@@ -263,14 +305,19 @@ def test_secrets_never_logged_or_exported(router, logs, spans) -> None:
         stats = c.get("/admin/stats", headers=_h(KEYS["admin"])).text
         health = c.get("/health").text
     assert "baton:" in metrics and len(logs.lines) > 50, "nothing captured: the test is blind"
-    haystacks = {"logs": "\n".join(logs.lines), "metrics": metrics, "admin stats": stats,
-                 "health": health}
+    haystacks = {
+        "logs": "\n".join(logs.lines),
+        "metrics": metrics,
+        "admin stats": stats,
+        "health": health,
+    }
     if spans is not None:
         got = spans.get_finished_spans()
         assert got, "tracing is configured but no span was recorded"
         haystacks["spans"] = "\n".join(
             f"{s.name} {dict(s.attributes or {})} {[dict(e.attributes or {}) for e in s.events]}"
-            for s in got)
+            for s in got
+        )
     for where, text in haystacks.items():
         for name, key in [*KEYS.items(), ("wrong", WRONG)]:
             secret = key.split("-", 2)[2]  # the random part: a prefix alone is no leak

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import hashlib
 
+from baton.workers.block_pool import BlockPool
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from baton.workers.block_pool import BlockPool
 
 OPS = st.lists(
     st.one_of(

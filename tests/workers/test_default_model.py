@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from baton.kernels.attention import AttentionMetadata
 from baton.workers import default_model
 from baton.workers.default_model import COMPLETE_MARKER, default_model_path
@@ -41,8 +40,9 @@ def test_conversion_gives_a_complete_hf_directory(smollm2_dir: Path) -> None:
 def test_tokenizer_and_chat_template_render(smollm2_dir: Path) -> None:
     tok = transformers.AutoTokenizer.from_pretrained(str(smollm2_dir))
     text = tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
-    assert text.endswith("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
-                         "<|im_start|>assistant\n")
+    assert text.endswith(
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert text.startswith("<|im_start|>system\n")
     assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == 2
 
@@ -63,7 +63,7 @@ def test_greedy_answer_is_paris(smollm2_dir: Path) -> None:
     kv = torch.zeros(s.num_layers, 2, 4, block, s.num_kv_heads, s.head_dim)
     meta = AttentionMetadata.build([len(ids)], [len(ids)], [[0, 1, 2, 3]], block, "cpu")
     hidden = model.forward(torch.tensor(ids), torch.arange(len(ids)), kv, meta)
-    greedy = model.compute_logits(hidden[len(prompt) - 1:]).argmax(-1).tolist()
+    greedy = model.compute_logits(hidden[len(prompt) - 1 :]).argmax(-1).tolist()
     assert greedy == answer, tok.decode(greedy)
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from baton import LLM, SamplingParams
 
 pytestmark = pytest.mark.gpu
@@ -46,14 +45,25 @@ def test_float32_token_exact_on_cuda(tiny_model_factory, arch, backend):
     from test_engine_vs_hf import MAX_TOKENS, hf_greedy, make_prompts
 
     model_dir = tiny_model_factory(arch)
-    llm = LLM(str(model_dir), device="cuda", dtype="float32", block_size=16, num_kv_blocks=12,
-              attention_backend=backend, long_prefill_token_threshold=7)
+    llm = LLM(
+        str(model_dir),
+        device="cuda",
+        dtype="float32",
+        block_size=16,
+        num_kv_blocks=12,
+        attention_backend=backend,
+        long_prefill_token_threshold=7,
+    )
     for _ in range(16):
         llm.engine.scheduler.predictor.observe(llm.engine.config.cache.namespace, 1)
     prompts = make_prompts(llm.engine.spec.vocab_size)
     expected = hf_greedy(model_dir, prompts)
-    got = [o.outputs[0].token_ids for o in llm.generate(
-        prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))]
+    got = [
+        o.outputs[0].token_ids
+        for o in llm.generate(
+            prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+        )
+    ]
     assert got == expected
     llm.engine.check_integrity()
     if backend == "triton":  # decode steps replayed CUDA graphs, and stayed token-exact
@@ -61,14 +71,15 @@ def test_float32_token_exact_on_cuda(tiny_model_factory, arch, backend):
 
 
 def test_bf16_llama_1b_shapes_agree_with_hf(tmp_path_factory):
+    from baton.kernels.attention import AttentionMetadata
     from common import write_random_weights_dir
     from transformers import AutoModelForCausalLM
 
-    from baton.kernels.attention import AttentionMetadata
-
     model_dir = write_random_weights_dir(tmp_path_factory.mktemp("llama1b"), "llama-3.2-1b")
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(10, 128000, (n,), generator=g).tolist() for n in (5, 17, 64, 200, 333, 511)]
+    prompts = [
+        torch.randint(10, 128000, (n,), generator=g).tolist() for n in (5, 17, 64, 200, 333, 511)
+    ]
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
     hf_first, hf_lp, hf_margin = [], [], []
     with torch.no_grad():
@@ -80,8 +91,13 @@ def test_bf16_llama_1b_shapes_agree_with_hf(tmp_path_factory):
             hf_lp.append(torch.log_softmax(logits, -1))
     del hf
     torch.cuda.empty_cache()
-    llm = LLM(str(model_dir), device="cuda", dtype="bfloat16", skip_tokenizer_init=True,
-              gpu_memory_utilization=0.5)
+    llm = LLM(
+        str(model_dir),
+        device="cuda",
+        dtype="bfloat16",
+        skip_tokenizer_init=True,
+        gpu_memory_utilization=0.5,
+    )
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
     ours = [o.outputs[0].token_ids[0] for o in outs]
     print(f"\n[bf16 1B] first tokens ours={ours} hf={hf_first} hf_top2_margins={hf_margin}")
@@ -96,8 +112,12 @@ def test_bf16_llama_1b_shapes_agree_with_hf(tmp_path_factory):
             nb = (len(p) + 15) // 16
             blocks = eng.pool.allocate(nb)
             meta = AttentionMetadata.build([len(p)], [len(p)], [blocks], 16, "cuda")
-            hidden = eng.model.forward(torch.tensor(p, device="cuda"), torch.arange(len(p), device="cuda"),
-                                       eng.runner.kv_cache, meta)
+            hidden = eng.model.forward(
+                torch.tensor(p, device="cuda"),
+                torch.arange(len(p), device="cuda"),
+                eng.runner.kv_cache,
+                meta,
+            )
             lp = torch.log_softmax(eng.model.compute_logits(hidden), -1)
             eng.pool.free(blocks)
             d = (lp - ref).abs()

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
 from baton import LLM, SamplingParams
+from transformers import AutoModelForCausalLM
 
 ARCHS = ["llama", "llama3_rope", "mistral", "qwen2", "qwen3"]
 MAX_TOKENS = 12
@@ -26,7 +25,9 @@ def make_prompts(vocab: int) -> list[list[int]]:
 
 
 def hf_greedy(model_dir, prompts: list[list[int]]) -> list[list[int]]:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="eager"
+    )
     model.eval()
     outs = []
     for p in prompts:

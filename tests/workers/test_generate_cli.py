@@ -20,9 +20,22 @@ def test_help_lists_subcommands() -> None:
 
 def test_generate_with_a_model_dir(tiny_model_dir) -> None:
     out = subprocess.run(
-        [str(BATON), "generate", "--model", str(tiny_model_dir), "--prompt", "The quick brown fox",
-         "--max-tokens", "5", "--device", "cpu"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONHASHSEED": "1"},
+        [
+            str(BATON),
+            "generate",
+            "--model",
+            str(tiny_model_dir),
+            "--prompt",
+            "The quick brown fox",
+            "--max-tokens",
+            "5",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONHASHSEED": "1"},
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "5 generated" in out.stdout and "finish_reason=length" in out.stdout
@@ -30,9 +43,21 @@ def test_generate_with_a_model_dir(tiny_model_dir) -> None:
 
 def test_generate_reports_bad_input_cleanly(tiny_model_dir) -> None:
     out = subprocess.run(
-        [str(BATON), "generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--max-tokens",
-         "100000", "--device", "cpu"],
-        capture_output=True, text=True, timeout=300,
+        [
+            str(BATON),
+            "generate",
+            "--model",
+            str(tiny_model_dir),
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "100000",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 2
     assert "max_model_len" in out.stderr and "Traceback" not in out.stderr
@@ -44,6 +69,8 @@ def test_default_model_chat_mentions_paris() -> None:
     from baton import LLM, SamplingParams
 
     llm = LLM(device="cpu", dtype="float32", num_kv_blocks=16)
-    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                   SamplingParams(temperature=0, max_tokens=10))
+    out = llm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        SamplingParams(temperature=0, max_tokens=10),
+    )
     assert "Paris" in out.outputs[0].text, out.outputs[0].text

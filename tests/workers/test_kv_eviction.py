@@ -10,7 +10,6 @@ import dataclasses
 
 import pytest
 import torch
-
 from baton.kernels.attention import AttentionMetadata, LayerAttentionParams
 from baton.workers.admission import blocks_for
 from baton.workers.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -27,11 +26,16 @@ def mask_layers(model, window: int | None, sinks: int) -> None:
             m.params = dataclasses.replace(m.params, sliding_window=window, num_sink_tokens=sinks)
 
 
-def engine(model_dir, *, window: int, blocks: int, evict: bool, backend: str = "torch",
-           chunk: int = 128) -> EngineCore:
-    cache = CacheConfig(block_size=BS, num_kv_blocks=blocks,
-                        kv_eviction="sink_window" if evict else "none",
-                        num_sink_tokens=SINKS, eviction_window=window)
+def engine(
+    model_dir, *, window: int, blocks: int, evict: bool, backend: str = "torch", chunk: int = 128
+) -> EngineCore:
+    cache = CacheConfig(
+        block_size=BS,
+        num_kv_blocks=blocks,
+        kv_eviction="sink_window" if evict else "none",
+        num_sink_tokens=SINKS,
+        eviction_window=window,
+    )
     eng = EngineCore(EngineConfig(
         model=str(model_dir), device="cpu", dtype="float32", attention_backend=backend,
         cache=cache, scheduler=SchedulerConfig(max_num_batched_tokens=chunk),
@@ -43,7 +47,18 @@ def engine(model_dir, *, window: int, blocks: int, evict: bool, backend: str = "
 
 def synthetic_chat(eng: EngineCore, turns: int, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
-    words = ["alpha", "robot", "count", "Paris", "fox", "model", "serve", "decode", "block", "cache"]
+    words = [
+        "alpha",
+        "robot",
+        "count",
+        "Paris",
+        "fox",
+        "model",
+        "serve",
+        "decode",
+        "block",
+        "cache",
+    ]
     msgs = [{"role": "system", "content": "You are a helpful assistant."}]
     for t in range(turns):
         idx = torch.randint(0, len(words), (60,), generator=g).tolist()
@@ -53,8 +68,9 @@ def synthetic_chat(eng: EngineCore, turns: int, seed: int = 0) -> list[dict]:
 
 
 def generate(eng: EngineCore, rid: str, prompt: list[int], max_tokens: int):
-    eng.add_request(rid, prompt, SamplingParams(temperature=0, max_tokens=max_tokens,
-                                                ignore_eos=True))
+    eng.add_request(
+        rid, prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    )
     peak, final = 0, None
     while eng.has_unfinished_requests():
         for out in eng.step():
@@ -66,8 +82,9 @@ def generate(eng: EngineCore, rid: str, prompt: list[int], max_tokens: int):
     return final, peak
 
 
-def run_long_chat(model_dir, *, turns: int, window: int, blocks: int, backend: str = "torch",
-                  max_tokens: int = 24) -> None:
+def run_long_chat(
+    model_dir, *, turns: int, window: int, blocks: int, backend: str = "torch", max_tokens: int = 24
+) -> None:
     ev = engine(model_dir, window=window, blocks=blocks, evict=True, backend=backend)
     ref = engine(model_dir, window=window, blocks=4096, evict=False)
     chat = synthetic_chat(ev, turns)
@@ -81,8 +98,10 @@ def run_long_chat(model_dir, *, turns: int, window: int, blocks: int, backend: s
     assert peak <= bound < ref_peak, (peak, bound, ref_peak)
     assert ev.stats().evicted_blocks * BS == got.num_evicted_tokens
     # Next turn: the conversation plus the answer plus a new message (sink blocks hit the cache).
-    chat2 = chat + [{"role": "assistant", "content": got.outputs[0].text},
-                    {"role": "user", "content": "count the fox"}]
+    chat2 = chat + [
+        {"role": "assistant", "content": got.outputs[0].text},
+        {"role": "user", "content": "count the fox"},
+    ]
     prompt2 = ev.chat_prompt(chat2)
     got2, peak2 = generate(ev, "turn2", prompt2, 8)
     want2, _ = generate(ref, "turn2", prompt2, 8)
@@ -132,13 +151,12 @@ def test_sinks_beat_plain_truncation_on_default_model() -> None:
     """Mean NLL of a held continuation, same KV budget: window + 4 sinks (StreamingLLM) vs the
     same budget without sinks (drop the oldest tokens, original positions) vs truncating the
     text to its last window tokens and re-encoding it (the recompute baseline)."""
-    from baton.workers.default_model import default_model_path
-    from baton.workers.model_loader import load_model
-
     import argparse
     import doctest
     import subprocess
 
+    from baton.workers.default_model import default_model_path
+    from baton.workers.model_loader import load_model
     from transformers import AutoTokenizer
 
     path = default_model_path()
@@ -146,8 +164,9 @@ def test_sinks_beat_plain_truncation_on_default_model() -> None:
     text = "\n\n".join(m.__doc__ for m in (subprocess, argparse, doctest))
     ids = tok.encode(text)[:640]
     assert len(ids) == 640
-    model, _ = load_model(str(path), dtype="float32", device=torch.device("cpu"),
-                          attn_backend="torch")
+    model, _ = load_model(
+        str(path), dtype="float32", device=torch.device("cpu"), attn_backend="torch"
+    )
     window, held = 128, 64
 
     def nll(x: list[int], window: int | None, sinks: int) -> float:

@@ -9,8 +9,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
-
 from baton.kernels.attention import AttentionMetadata
 from baton.workers.model_loader import (
     llama_3_2_1b_config,
@@ -19,10 +17,16 @@ from baton.workers.model_loader import (
     supported_architectures,
 )
 from baton.workers.models.llama import rope_parameters
+from safetensors.torch import load_file, save_file
 
 TINY = dict(
-    hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, vocab_size=64, max_position_embeddings=32,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=64,
+    max_position_embeddings=32,
 )
 
 
@@ -61,8 +65,9 @@ def test_missing_weights_are_named(tmp_path: Path) -> None:
 
 
 def test_unsupported_architecture_is_named(tmp_path: Path) -> None:
-    transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, architectures=["GPT2LMHeadModel"]) \
-        .save_pretrained(tmp_path)
+    transformers.GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, architectures=["GPT2LMHeadModel"]
+    ).save_pretrained(tmp_path)
     with pytest.raises(ValueError) as err:
         load_model(tmp_path)
     assert "GPT2LMHeadModel" in str(err.value)
@@ -79,16 +84,21 @@ def test_bad_dtype_and_load_format(tmp_path: Path) -> None:
 
 
 def test_dynamic_rope_is_rejected(tmp_path: Path) -> None:
-    path = _tiny_dir(tmp_path, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
-                                                "rope_theta": 10000.0})
+    path = _tiny_dir(
+        tmp_path, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    )
     with pytest.raises(ValueError, match="unsupported RoPE type 'dynamic'"):
         load_model(path)
 
 
 def test_transformers4_rope_fields_are_read() -> None:
     cfg = SimpleNamespace(rope_scaling={"type": "linear", "factor": 2.0}, rope_theta=100.0)
-    assert rope_parameters(cfg) == {"type": "linear", "factor": 2.0, "rope_theta": 100.0,
-                                    "rope_type": "linear"}
+    assert rope_parameters(cfg) == {
+        "type": "linear",
+        "factor": 2.0,
+        "rope_theta": 100.0,
+        "rope_type": "linear",
+    }
     plain = SimpleNamespace(rope_scaling=None, rope_theta=500.0)
     assert rope_parameters(plain) == {"rope_theta": 500.0, "rope_type": "default"}
 
@@ -100,8 +110,10 @@ def test_sharded_and_bin_layouts_load_the_same_weights(tmp_path: Path) -> None:
     sharded.mkdir()
     (sharded / "config.json").write_text((single / "config.json").read_text())
     names = sorted(state)
-    halves = {"model-00001-of-00002.safetensors": names[::2],
-              "model-00002-of-00002.safetensors": names[1::2]}
+    halves = {
+        "model-00001-of-00002.safetensors": names[::2],
+        "model-00002-of-00002.safetensors": names[1::2],
+    }
     for file, keys in halves.items():
         save_file({k: state[k] for k in keys}, str(sharded / file), metadata={"format": "pt"})
     index = {"metadata": {}, "weight_map": {k: f for f, ks in halves.items() for k in ks}}
@@ -124,12 +136,18 @@ def test_sharded_and_bin_layouts_load_the_same_weights(tmp_path: Path) -> None:
 def test_missing_and_unknown_weights_are_errors(tmp_path: Path) -> None:
     path = _tiny_dir(tmp_path)
     state = load_file(str(path / "model.safetensors"))
-    save_file({k: v for k, v in state.items() if k != "model.norm.weight"},
-              str(path / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in state.items() if k != "model.norm.weight"},
+        str(path / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     with pytest.raises(ValueError, match="model.norm.weight"):
         load_model(path)
-    save_file({**state, "model.layers.0.extra.weight": torch.zeros(2)},
-              str(path / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {**state, "model.layers.0.extra.weight": torch.zeros(2)},
+        str(path / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     with pytest.raises(ValueError, match="model.layers.0.extra.weight"):
         load_model(path)
 
@@ -151,10 +169,17 @@ def test_dummy_weights_are_deterministic_and_finite(tmp_path: Path) -> None:
 def test_dummy_from_config_object_with_llama_1b_shapes() -> None:
     cfg = llama_3_2_1b_config()
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads) == (2048, 16, 8)
-    small = transformers.LlamaConfig(**{**cfg.to_dict(), "num_hidden_layers": 1,
-                                        "vocab_size": 512, "hidden_size": 256,
-                                        "intermediate_size": 512, "num_attention_heads": 4,
-                                        "num_key_value_heads": 2})
+    small = transformers.LlamaConfig(
+        **{
+            **cfg.to_dict(),
+            "num_hidden_layers": 1,
+            "vocab_size": 512,
+            "hidden_size": 256,
+            "intermediate_size": 512,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        }
+    )
     model, _ = load_model(small, dtype="bfloat16", load_format="dummy")
     assert model.spec.eos_token_ids == (128001, 128008, 128009)
     assert model.attention_scaling == 1.0
@@ -167,8 +192,10 @@ def test_auto_dtype_rules() -> None:
     half = SimpleNamespace(dtype=torch.bfloat16)
     assert resolve_dtype("auto", half, torch.device("cpu")) == torch.float32
     assert resolve_dtype("auto", half, torch.device("cuda")) == torch.bfloat16
-    assert resolve_dtype("auto", SimpleNamespace(torch_dtype="float16"), torch.device("cuda")) \
+    assert (
+        resolve_dtype("auto", SimpleNamespace(torch_dtype="float16"), torch.device("cuda"))
         == torch.float16
+    )
     assert resolve_dtype("auto", SimpleNamespace(), torch.device("cuda")) == torch.float32
     assert resolve_dtype("bfloat16", half, torch.device("cpu")) == torch.bfloat16
 

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from baton.kernels.attention import AttentionMetadata
 from baton.workers.model_loader import load_model
 
@@ -49,22 +48,31 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "llama": ("LlamaConfig", {}),
     "llama-tied-llama3-rope-bias": (
         "LlamaConfig",
-        {"tie_word_embeddings": True, "rope_parameters": LLAMA3_ROPE, "attention_bias": True,
-         "mlp_bias": True},
+        {
+            "tie_word_embeddings": True,
+            "rope_parameters": LLAMA3_ROPE,
+            "attention_bias": True,
+            "mlp_bias": True,
+        },
     ),
     "llama-linear-rope-head-dim": (
         "LlamaConfig",
-        {"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 500.0},
-         "head_dim": 32, "num_key_value_heads": 1},
+        {
+            "rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 500.0},
+            "head_dim": 32,
+            "num_key_value_heads": 1,
+        },
     ),
     "mistral-sliding": ("MistralConfig", {"head_dim": 16, "sliding_window": 5}),
     "qwen2-tied": ("Qwen2Config", {"tie_word_embeddings": True}),
     "qwen2-sliding-upper-layer": (
-        "Qwen2Config", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}
+        "Qwen2Config",
+        {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
     ),
     "qwen3-qk-norm": ("Qwen3Config", {"head_dim": 16}),
     "qwen3-bias-tied": (
-        "Qwen3Config", {"head_dim": 24, "attention_bias": True, "tie_word_embeddings": True}
+        "Qwen3Config",
+        {"head_dim": 24, "attention_bias": True, "tie_word_embeddings": True},
     ),
 }
 
@@ -156,10 +164,13 @@ def test_greedy_decode_token_exact_with_hf_generate(pair: Any) -> None:
         logits = _run(model, kv, [tok], len(prompt) + step)
     with torch.no_grad():
         ref = hf.generate(
-            torch.tensor([prompt]), max_new_tokens=8, do_sample=False, min_new_tokens=8,
+            torch.tensor([prompt]),
+            max_new_tokens=8,
+            do_sample=False,
+            min_new_tokens=8,
             pad_token_id=0,
         )
-    assert ours == ref[0, len(prompt):].tolist()
+    assert ours == ref[0, len(prompt) :].tolist()
 
 
 def test_two_sequences_in_one_batch(pair: Any) -> None:
@@ -170,13 +181,14 @@ def test_two_sequences_in_one_batch(pair: Any) -> None:
     table_a, table_b = [5, 2, 7], [0, 3]
     meta = AttentionMetadata.build([len(b) - 1], [len(b) - 1], [table_b], BLOCK_SIZE, "cpu")
     model.forward(torch.tensor(b[:-1]), torch.arange(len(b) - 1), kv, meta)  # b's prefix first
-    meta = AttentionMetadata.build([len(a), 1], [len(a), len(b)], [table_a, table_b], BLOCK_SIZE,
-                                   "cpu")
+    meta = AttentionMetadata.build(
+        [len(a), 1], [len(a), len(b)], [table_a, table_b], BLOCK_SIZE, "cpu"
+    )
     ids = torch.tensor(a + b[-1:])
     pos = torch.cat([torch.arange(len(a)), torch.tensor([len(b) - 1])])
     logits = model.compute_logits(model.forward(ids, pos, kv, meta))
     torch.testing.assert_close(logits[: len(a)], _hf_logits(hf, a), atol=ATOL, rtol=0)
-    torch.testing.assert_close(logits[len(a):], _hf_logits(hf, b)[-1:], atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits[len(a) :], _hf_logits(hf, b)[-1:], atol=ATOL, rtol=0)
 
 
 def test_sliding_window_reaches_layer_params(tmp_path: Path) -> None:
@@ -201,13 +213,16 @@ def test_cuda_float32_matches_hf(tmp_path: Path) -> None:
     path, hf = _save_tiny(tmp_path, *CASES["llama-tied-llama3-rope-bias"])
     model, _ = load_model(path, dtype="float32", device="cuda", attn_backend="torch")
     s = model.spec
-    kv = torch.zeros(s.num_layers, 2, NUM_BLOCKS, BLOCK_SIZE, s.num_kv_heads, s.head_dim,
-                     device="cuda")
+    kv = torch.zeros(
+        s.num_layers, 2, NUM_BLOCKS, BLOCK_SIZE, s.num_kv_heads, s.head_dim, device="cuda"
+    )
     meta = AttentionMetadata.build([len(PROMPT)], [len(PROMPT)], [TABLE], BLOCK_SIZE, "cuda")
-    hidden = model.forward(torch.tensor(PROMPT, device="cuda"),
-                           torch.arange(len(PROMPT), device="cuda"), kv, meta)
-    torch.testing.assert_close(model.compute_logits(hidden).cpu(), _hf_logits(hf, PROMPT),
-                               atol=ATOL, rtol=0)
+    hidden = model.forward(
+        torch.tensor(PROMPT, device="cuda"), torch.arange(len(PROMPT), device="cuda"), kv, meta
+    )
+    torch.testing.assert_close(
+        model.compute_logits(hidden).cpu(), _hf_logits(hf, PROMPT), atol=ATOL, rtol=0
+    )
 
 
 @pytest.mark.gpu
@@ -218,19 +233,28 @@ def test_cuda_bf16_llama_1b_shapes_first_token_agrees_with_hf() -> None:
 
     cfg = llama_3_2_1b_config()
     model, _ = load_model(cfg, dtype="bfloat16", device="cuda", load_format="dummy")
-    hf = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation="eager",
-                                                    dtype=torch.bfloat16).cuda().eval()
+    hf = (
+        transformers.LlamaForCausalLM._from_config(
+            cfg, attn_implementation="eager", dtype=torch.bfloat16
+        )
+        .cuda()
+        .eval()
+    )
     missing, unexpected = hf.load_state_dict(dict(model.named_parameters()), strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to the embedding
     assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
     s = model.spec
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, cfg.vocab_size, (200,), generator=gen).tolist()
-    kv = torch.zeros(s.num_layers, 2, 16, 16, s.num_kv_heads, s.head_dim, device="cuda",
-                     dtype=torch.bfloat16)
+    kv = torch.zeros(
+        s.num_layers, 2, 16, 16, s.num_kv_heads, s.head_dim, device="cuda", dtype=torch.bfloat16
+    )
     meta = AttentionMetadata.build([len(prompt)], [len(prompt)], [list(range(13))], 16, "cuda")
-    ours = model.compute_logits(model.forward(torch.tensor(prompt, device="cuda"),
-                                              torch.arange(len(prompt), device="cuda"), kv, meta))
+    ours = model.compute_logits(
+        model.forward(
+            torch.tensor(prompt, device="cuda"), torch.arange(len(prompt), device="cuda"), kv, meta
+        )
+    )
     with torch.no_grad():
         ref = hf(torch.tensor([prompt], device="cuda")).logits[0].float()
     assert int(ours[-1].argmax()) == int(ref[-1].argmax())

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-
 from baton.workers.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from baton.workers.engine import EngineCore
 from baton.workers.sampler import SamplingRow, verify
@@ -16,8 +15,9 @@ from baton.workers.sampling_params import SamplingParams
 from baton.workers.spec_decode import DraftQuery, NgramProposer, SpecDecoder
 
 
-def make_engine(model_dir, spec=None, *, num_kv_blocks=256, chunk=None, backend="torch",
-                block_size=4) -> EngineCore:
+def make_engine(
+    model_dir, spec=None, *, num_kv_blocks=256, chunk=None, backend="torch", block_size=4
+) -> EngineCore:
     return EngineCore(EngineConfig(
         model=str(model_dir), device="cpu", dtype="float32", attention_backend=backend,
         cache=CacheConfig(block_size=block_size, num_kv_blocks=num_kv_blocks),
@@ -93,8 +93,9 @@ def test_greedy_identical_with_stops_penalties_logprobs(tiny_model_dir) -> None:
         SamplingParams(temperature=0, max_tokens=17, ignore_eos=True, logprobs=2),
         SamplingParams(temperature=0, max_tokens=30, repetition_penalty=1.3, ignore_eos=True),
         SamplingParams(temperature=0, max_tokens=30, min_tokens=20),
-        SamplingParams(temperature=0, max_tokens=30, stop=[base.tokenizer.decode(toks[9:11])],
-                       ignore_eos=True),
+        SamplingParams(
+            temperature=0, max_tokens=30, stop=[base.tokenizer.decode(toks[9:11])], ignore_eos=True
+        ),
     ]
     prompts = [prompts[0], prompts[1], prompts[1], prompts[2], prompts[0]]
     want, got = run(base, prompts, params), run(spec, prompts, params)
@@ -112,8 +113,9 @@ def test_greedy_identical_with_stops_penalties_logprobs(tiny_model_dir) -> None:
 
 def test_streamed_deltas_add_up(tiny_model_dir) -> None:
     eng = make_engine(tiny_model_dir, {"k": 4})
-    eng.add_request("s", prompts_for(eng)[0], SamplingParams(temperature=0, max_tokens=30,
-                                                           ignore_eos=True))
+    eng.add_request(
+        "s", prompts_for(eng)[0], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    )
     tokens: list[int] = []
     multi = 0
     while eng.has_unfinished_requests():
@@ -145,9 +147,7 @@ def test_rejection_sampling_keeps_target_distribution() -> None:
             second_given_accept[toks[1]] += 1
     assert abs(accepts / n - float(p0[0])) < 0.03  # acceptance probability is p(draft)
     chi_first = float((((first - n * p0) ** 2) / (n * p0)).sum())
-    chi_second = float(
-        (((second_given_accept - accepts * p1) ** 2) / (accepts * p1)).sum()
-    )
+    chi_second = float((((second_given_accept - accepts * p1) ** 2) / (accepts * p1)).sum())
     # 5 degrees of freedom: P(chi2 > 20.5) ~ 0.001
     assert chi_first < 20.5 and chi_second < 20.5, (chi_first, chi_second)
 
@@ -203,7 +203,9 @@ def test_ngram_proposer() -> None:
 
 
 def test_drafting_turns_itself_off_and_probes_again() -> None:
-    cfg = SpeculativeConfig(k=2, min_acceptance=0.5, ema_alpha=0.5, warmup_drafts=4, cooldown_steps=3)
+    cfg = SpeculativeConfig(
+        k=2, min_acceptance=0.5, ema_alpha=0.5, warmup_drafts=4, cooldown_steps=3
+    )
     dec = SpecDecoder(cfg)
     q = [DraftQuery("r", [1, 2, 3, 1, 2], [], k=2)]
     assert dec.propose(q) == [[3, 1]]

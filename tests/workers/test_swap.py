@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from baton.workers.config import CacheConfig, EngineConfig, SchedulerConfig
 from baton.workers.engine import EngineCore
 from baton.workers.model_runner import block_bytes
@@ -15,8 +14,9 @@ from baton.workers.swap import HostBlockAllocator
 MAX_TOKENS = 24
 
 
-def make_engine(model_dir, mode: str, host_blocks: int, *, spec=None, eviction=None,
-                min_tokens: int = 0) -> EngineCore:
+def make_engine(
+    model_dir, mode: str, host_blocks: int, *, spec=None, eviction=None, min_tokens: int = 0
+) -> EngineCore:
     probe = EngineConfig(model=str(model_dir), device="cpu", dtype="float32")
     cache = dict(block_size=4, num_kv_blocks=24)
     if eviction:
@@ -47,8 +47,9 @@ def burst(eng: EngineCore) -> dict[str, list[int]]:
     lengths = [3, 9, 14, 17, 22, 6]
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     for i, n in enumerate(lengths):
-        eng.add_request(f"b{i}", torch.randint(3, eng.spec.vocab_size, (n,), generator=g).tolist(),
-                        params)
+        eng.add_request(
+            f"b{i}", torch.randint(3, eng.spec.vocab_size, (n,), generator=g).tolist(), params
+        )
     done: dict[str, list[int]] = {}
     for _ in range(1000):
         if not eng.has_unfinished_requests():

@@ -27,15 +27,14 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from transformers.activations import ACT2FN
-
 from baton.kernels.attention import (
     AttentionBackend,
     AttentionMetadata,
     LayerAttentionParams,
     get_backend,
 )
+from torch import nn
+from transformers.activations import ACT2FN
 
 # RoPE types whose frequencies are fixed at load time. "dynamic" and "longrope" recompute inv_freq
 # from the running sequence length inside HF's forward, which a paged cache shared across lengths
@@ -205,7 +204,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 class Attention(nn.Module):
     def __init__(
-        self, cfg: Any, traits: ArchTraits, window: int | None, backend: AttentionBackend,
+        self,
+        cfg: Any,
+        traits: ArchTraits,
+        window: int | None,
+        backend: AttentionBackend,
         factory: dict[str, Any],
     ) -> None:
         super().__init__()
@@ -260,7 +263,11 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(
-        self, cfg: Any, traits: ArchTraits, window: int | None, backend: AttentionBackend,
+        self,
+        cfg: Any,
+        traits: ArchTraits,
+        window: int | None,
+        backend: AttentionBackend,
         factory: dict[str, Any],
     ) -> None:
         super().__init__()
@@ -270,8 +277,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, factory)
 
     def forward(
-        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-        v_cache: torch.Tensor, meta: AttentionMetadata,
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
     ) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, k_cache, v_cache, meta)
         return h + self.mlp(self.post_attention_layernorm(h))
