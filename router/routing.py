@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from baton.router.client_protocol import Route, WorkerLoad
-from baton.workers.block_hash import CacheIdentity, block_hashes
+from baton.workers.block_hash import CacheIdentity, block_hashes, namespace_root
 
 log = logging.getLogger(__name__)
 
@@ -85,22 +85,11 @@ class PrefixRouter:
         self.directory_timeout_s = directory_timeout_s
         self.prefix_weight = prefix_weight
         self.local = LocalPrefixIndex()
-        self._roots: dict[str, bytes] = {}
         self._rng = random.Random(seed)
         self.directory_errors = 0
 
     def root(self, namespace: str) -> bytes:
-        r = self._roots.get(namespace)
-        if r is None:
-            ident = CacheIdentity(
-                namespace,
-                self.identity.tokenizer_hash,
-                self.identity.model_fingerprint,
-                self.identity.kv_dtype,
-                self.identity.cache_salt,
-            )
-            r = self._roots[namespace] = ident.root()
-        return r
+        return namespace_root(self.identity, namespace)
 
     async def _overlap(self, root: bytes, hashes: list[bytes]) -> dict[str, int]:
         if not hashes:

@@ -11,9 +11,10 @@ it is salted per process and these hashes cross processes (worker -> directory -
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 
@@ -42,6 +43,12 @@ class CacheIdentity:
         ):
             h.update(_field(part.encode("utf-8")))
         return h.digest()
+
+
+@functools.lru_cache(maxsize=4096)
+def namespace_root(identity: CacheIdentity, namespace: str) -> bytes:
+    """The chain root of ``identity`` under another tenant ``namespace`` (same model, tokenizer, KV format)."""
+    return replace(identity, namespace=namespace).root()
 
 
 def tokens_bytes(token_ids: Sequence[int]) -> bytes:

@@ -26,7 +26,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from baton.workers.admission import AdmissionPolicy, OutputLengthPredictor, blocks_for
-from baton.workers.block_hash import CacheIdentity, chain_hash
+from baton.workers.block_hash import CacheIdentity, chain_hash, namespace_root
 from baton.workers.block_pool import BlockPool
 from baton.workers.config import SchedulerConfig
 from baton.workers.request import Request, RequestStatus
@@ -123,7 +123,6 @@ class Scheduler:
         self.host_pool = host_pool
         self._swap_out: list[SwapOp] = []
         self._swap_in: list[SwapOp] = []
-        self._roots: dict[str, bytes] = {}
 
     # -- requests ---------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -133,17 +132,7 @@ class Scheduler:
         self.waiting.append(req)
 
     def root_for(self, namespace: str) -> bytes:
-        root = self._roots.get(namespace)
-        if root is None:
-            ident = CacheIdentity(
-                namespace,
-                self.identity.tokenizer_hash,
-                self.identity.model_fingerprint,
-                self.identity.kv_dtype,
-                self.identity.cache_salt,
-            )
-            root = self._roots[namespace] = ident.root()
-        return root
+        return namespace_root(self.identity, namespace)
 
     def _extend_hashes(self, req: Request, upto_tokens: int) -> None:
         bs = self.block_size
