@@ -42,29 +42,19 @@ def no_tf32():
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral"])
 def test_float32_token_exact_on_cuda(tiny_model_factory, arch, backend):
-    from test_engine_vs_hf import MAX_TOKENS, hf_greedy, make_prompts
+    from test_engine_vs_hf import greedy_tokens, hf_greedy, make_prompts, short_output_llm
 
     model_dir = tiny_model_factory(arch)
-    llm = LLM(
-        str(model_dir),
+    llm = short_output_llm(
+        model_dir,
         device="cuda",
-        dtype="float32",
         block_size=16,
         num_kv_blocks=12,
         attention_backend=backend,
         long_prefill_token_threshold=7,
     )
-    for _ in range(16):
-        llm.engine.scheduler.predictor.observe(llm.engine.config.cache.namespace, 1)
     prompts = make_prompts(llm.engine.spec.vocab_size)
-    expected = hf_greedy(model_dir, prompts)
-    got = [
-        o.outputs[0].token_ids
-        for o in llm.generate(
-            prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-        )
-    ]
-    assert got == expected
+    assert greedy_tokens(llm, prompts) == hf_greedy(model_dir, prompts)
     llm.engine.check_integrity()
     if backend == "triton":  # decode steps replayed CUDA graphs, and stayed token-exact
         assert llm.engine.runner.graphs is not None and llm.engine.runner.graphs.num_replays > 0

@@ -45,24 +45,33 @@ def hf_greedy(model_dir, prompts: list[list[int]]) -> list[list[int]]:
     return outs
 
 
+def short_output_llm(model_dir, **llm_kwargs) -> LLM:
+    """A float32 LLM whose admission predictor has learned that outputs are short, so it over-admits and the
+    real (longer) outputs run the pool dry: the seeds' case of outputs outgrowing their prediction."""
+    llm = LLM(str(model_dir), dtype="float32", **llm_kwargs)
+    for _ in range(16):
+        llm.engine.scheduler.predictor.observe(llm.engine.config.cache.namespace, 1)
+    return llm
+
+
+def greedy_tokens(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("chunk", [None, 7])
 def test_greedy_token_exact(tiny_model_factory, arch: str, chunk: int | None) -> None:
     model_dir = tiny_model_factory(arch)
-    llm = LLM(
-        str(model_dir),
+    llm = short_output_llm(
+        model_dir,
         device="cpu",
-        dtype="float32",
         block_size=4,
         num_kv_blocks=24,  # 96 token slots for 8 sequences of up to 43 tokens: preemption must happen
         max_num_batched_tokens=256,
         long_prefill_token_threshold=chunk,
         attention_backend="torch",
     )
-    # Teach the admission predictor that outputs are short, so it over-admits and the real (longer) outputs
-    # run the pool dry: the seeds' case of outputs outgrowing their prediction.
-    for _ in range(16):
-        llm.engine.scheduler.predictor.observe(llm.engine.config.cache.namespace, 1)
     vocab = llm.engine.spec.vocab_size
     prompts = make_prompts(vocab)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
