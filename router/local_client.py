@@ -14,14 +14,14 @@ import asyncio
 import concurrent.futures
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from baton.router.client_protocol import Route, WorkerLoad
 from baton.workers.config import EngineConfig
 from baton.workers.messages import GenerateDelta, GenerateRequest
 from baton.workers.outputs import RequestOutput
-from baton.workers.roles import EngineLoop
+from baton.workers.roles import EngineLoop, to_delta
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -82,23 +82,9 @@ class LocalEngineClient:
         st = self._streams.get(out.request_id)
         if st is None:
             return
-        comp = out.outputs[0]
-        finish = comp.finish_reason if out.finished else None
-        if out.finished and finish is None:
-            finish = "error" if out.error else "stop"
-        delta = GenerateDelta(
-            request_id=out.request_id,
-            token_ids=tuple(comp.delta_token_ids),
-            text=comp.delta_text,
-            logprobs=tuple(comp.delta_logprobs) if comp.delta_logprobs else None,
-            finish_reason=finish,
-            stop_reason=comp.stop_reason if out.finished else None,
-            num_prompt_tokens=len(out.prompt_token_ids),
-            num_cached_tokens=out.num_cached_tokens,
-            error=out.error,
-            num_preemptions=out.num_preemptions,
-            worker_id=self.worker_id,
-        )
+        delta = to_delta(out, self.worker_id)
+        if out.finished and delta.finish_reason is None:  # ends exactly once, with a reason
+            delta = replace(delta, finish_reason="error" if out.error else "stop")
         if out.finished:
             st.finished = True
             self._streams.pop(out.request_id, None)
