@@ -201,6 +201,44 @@ def run_sweep(args, env) -> None:
         write_results(args.out, env, rows, {"copy_reference_bytes_per_s": copy_bw})
 
 
+def run_small_sweep(args, env) -> None:
+    """Small shapes (where the fixed cost of launches and too few programs shows): every
+    (BLOCK_N, warps, stages) x split count, with cuDNN SDPA on the same shape in the same run."""
+    rows: list[dict] = []
+    copy_bw = _copy_bw()
+    shapes = [(1, 512), (4, 512), (16, 512), (1, 4096), (16, 4096), (1, 1024), (64, 512)]
+    configs = [(bn, w, s) for bn in (16, 32, 64) for w in (2, 4, 8) for s in (2, 3)]
+    for batch, ctx in shapes:
+        kvb = _kv_bytes(batch, ctx, 2)
+        copies = copies_for(kvb)
+        ssec, how = time_calls(_sdpa(batch, ctx, copies))
+        rows.append(_row("sdpa_contiguous", batch, ctx, ssec, kvb, copy_bw, how))
+        sec, how = time_calls(_ours(batch, ctx, copies, args.block_size, torch.bfloat16))
+        rows.append(_row("default", batch, ctx, sec, kvb, copy_bw, how, ours_over_sdpa=ssec / sec))
+        for cfg in configs:
+            for splits in (1, 2, 4, 8, 16):
+                if splits * cfg[0] > ctx:
+                    continue
+                try:
+                    sec, how = time_calls(_ours(batch, ctx, copies, args.block_size,
+                                                torch.bfloat16, config=cfg, splits=splits),
+                                          reps=8)  # fmt: skip
+                except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
+                    print(f"config {cfg} x{splits} failed: {str(exc)[:200]}", flush=True)
+                    continue
+                rows.append(_row("cfg_split", batch, ctx, sec, kvb, copy_bw, how, config=list(cfg),
+                                 splits=splits, ours_over_sdpa=ssec / sec))  # fmt: skip
+        torch.cuda.empty_cache()
+        write_results(args.out, env, rows, {"copy_reference_bytes_per_s": copy_bw})
+        best = min((r for r in rows if r["batch"] == batch and r["context"] == ctx
+                    and r["kernel"] == "cfg_split"), key=lambda r: r["seconds"])  # fmt: skip
+        print(
+            f"BEST B={batch} ctx={ctx}: {best['config']} x{best['splits']} "
+            f"{best['seconds'] * 1e6:.1f} us, {best['ours_over_sdpa']:.3f} of sdpa",
+            flush=True,
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -214,12 +252,14 @@ def main() -> None:
     p.add_argument("--no-plot", dest="plot", action="store_false")
     p.add_argument("--max-gib", type=float, default=66.0)
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--small-sweep", action="store_true", help="configs x splits at small shapes")
     p.add_argument("--out", type=Path, default=Path("bench/results/decode_attention.json"))
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/decode_attention.py needs a CUDA GPU")
     env = environment(" ".join(["python"] + sys.argv))
-    (run_sweep if args.sweep else run_main)(args, env)
+    run = run_small_sweep if args.small_sweep else run_sweep if args.sweep else run_main
+    run(args, env)
 
 
 if __name__ == "__main__":
