@@ -70,7 +70,7 @@ def decode_run(model: str, spec: dict | None, prompts, max_tokens: int, device: 
 
     eng = EngineCore(EngineConfig(
         model=model, device=device, dtype="bfloat16" if device == "cuda" else "float32",
-        cache=CacheConfig(gpu_memory_utilization=0.6),
+        cache=CacheConfig(num_kv_blocks=4096),  # fixed: earlier engines in this process hold memory
         scheduler=SchedulerConfig(max_num_batched_tokens=8192), speculative=spec,
     ))  # fmt: skip
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)

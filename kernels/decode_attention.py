@@ -31,8 +31,11 @@ from baton.kernels.cache_ops import dot_types
 LOG2E = 1.4426950408889634
 FP8_DTYPE = torch.float8_e4m3fn
 MAX_SPLITS = 64
-# A split shorter than this many keys is not worth its partial write and the reduction.
-MIN_TOKENS_PER_SPLIT = 256
+# A split shorter than this many keys is not worth its partial write and the reduction. One BLOCK_N
+# tile: on an H200, 1x512 ran 16.5/11.3/8.2/6.5 us at 1/2/4/8 splits (cuDNN SDPA 8.5 us) and every
+# small-batch shape kept gaining down to one tile per split
+# (bench/results/decode_small_sweep_h200.json); a 256-key floor left 1x512 at 0.75x SDPA.
+MIN_TOKENS_PER_SPLIT = 64
 # Programs resident per SM that keep HBM busy (measured on H100, see bench/decode_attention.py).
 TARGET_PROGRAMS_PER_SM = 4
 

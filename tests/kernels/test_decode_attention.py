@@ -95,8 +95,10 @@ def test_split_heuristic_shapes():
     # big batch: enough programs already, no reduction pass
     assert choose_num_splits(256, 8, 4096, sms) == 1
     assert choose_num_splits(64, 8, 4096, sms) == 1
-    # short context never gets cut into slivers
-    assert choose_num_splits(1, 8, 512, sms) == 2
+    # short context, few programs: split down to one 64-key tile, never thinner
+    assert choose_num_splits(1, 8, 512, sms) == 8
+    assert choose_num_splits(1, 8, 100, sms) == 1
+    assert choose_num_splits(16, 8, 512, sms) == 4
     s = choose_num_splits(16, 8, 16384, sms)
     assert s in (4, 8) and s & (s - 1) == 0
 
