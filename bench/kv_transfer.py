@@ -4,10 +4,13 @@ and the handover orchestration latency (prefill done -> decode engine holds the 
 
 Each transport runs between two processes (spawned; a pipe stands in for the control plane Ray provides in the
 cluster): the source holds a KV-shaped buffer and serves it through the transport exactly as a prefill worker
-does; the sink receives and verifies the checksum, as a decode worker does. The smallest handle is one block (16 tokens = 2 MiB). Times are wall-clock per transfer
-(p50 over ``--iters``), including the checksum on receipt.
+does (cuda_ipc: inside its export arena, ``--ipc-arena-mib``, 0 = one IPC handle per export); the sink calls
+``receive_verified``, as a decode worker does. The smallest handle is one block (16 tokens = 2 MiB). Times are
+wall-clock per transfer (p50 over ``--iters``, the first left out: it opens the source's arena), including the
+checksum on receipt. Limits: a plain device copy and, on CUDA, the fused copy+checksum kernel and NCCL.
 
     python -m bench.kv_transfer --device cuda --out bench/results/kv_transfer.json
+    python -m bench.kv_transfer --device cuda --transports cuda_ipc --sizes-mib 4 16 64 256 --iters 20
     python -m bench.kv_transfer --device cpu --transports gloo grpc --sizes-mib 1 4   # smoke run
 """
 
@@ -61,11 +64,14 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _source(name: str, device: str, sizes: list[int], iters: int, conn) -> None:
+def _source(name: str, device: str, sizes: list[int], iters: int, arena_mib: int, conn) -> None:
     from baton.cluster.transfer import make_transport
 
     try:
-        t = make_transport(name, worker_id="src", device=device, timeout_s=60)
+        t = make_transport(
+            name, worker_id="src", device=device, timeout_s=60, export_arena_bytes=arena_mib << 20
+        )
+        alloc = t.export_allocator()
         table: dict[str, tuple[KVHandle, torch.Tensor]] = {}
         endpoint = t.serve(table.get)
         conn.send(("endpoint", endpoint))
@@ -73,6 +79,9 @@ def _source(name: str, device: str, sizes: list[int], iters: int, conn) -> None:
             t.open_pair("dst", "", 0, 1)
         for mib in sizes:
             buf = make_buffer(mib, device)
+            slot = alloc(tuple(buf.shape), buf.dtype) if alloc is not None else None
+            if slot is not None:  # where a prefill worker gathers its export (the arena)
+                buf = slot[0].copy_(buf)
             h = handle_for(f"h{mib}", buf)
             table[h.request_id] = (h, buf)
             conn.send(("handle", h, t.export_payload(h, buf) if t.caps.exports_payload else b""))
@@ -81,6 +90,8 @@ def _source(name: str, device: str, sizes: list[int], iters: int, conn) -> None:
                     t.send(h.request_id, "dst", i)
                 conn.recv()  # the sink's "done": keeps the buffer alive while it is opened
             del table[h.request_id]
+            if slot is not None:
+                slot[1]()
         conn.send(("bye",))
     except Exception:  # noqa: BLE001 - reported by the parent
         conn.send(("error", traceback.format_exc()))
@@ -106,24 +117,29 @@ def _sink(name: str, device: str, iters: int, conn, out) -> None:
             times = []
             for i in range(iters):
                 t0 = time.perf_counter()
-                got = t.receive(h, endpoint=endpoint, payload=payload, peer_id="src", transfer_id=i)
-                ok = verify(h, got)
+                t.receive_verified(
+                    h, endpoint=endpoint, payload=payload, peer_id="src", transfer_id=i
+                )  # raises on a checksum mismatch
                 sync(device)
                 times.append(time.perf_counter() - t0)
                 conn.send("done")
-                assert ok, "checksum mismatch"
             p50 = statistics.median(times[1:] if len(times) > 1 else times)
-            rows.append({"bytes": h.nbytes, "p50_s": p50, "gbps": h.nbytes / p50 / 1e9})
+            row = {"bytes": h.nbytes, "p50_s": p50, "gbps": h.nbytes / p50 / 1e9}
+            if hasattr(t, "arenas_opened"):
+                row["arenas_opened"] = t.arenas_opened
+            rows.append(row)
         out.put({"rows": rows})
     except Exception:  # noqa: BLE001
         out.put({"error": traceback.format_exc()})
 
 
-def bench_transport(name: str, device: str, sizes: list[int], iters: int) -> dict:
+def bench_transport(
+    name: str, device: str, sizes: list[int], iters: int, arena_mib: int = 1024
+) -> dict:
     ctx = mp.get_context("spawn")
     a, b = ctx.Pipe()
     out = ctx.Queue()
-    src = ctx.Process(target=_source, args=(name, device, sizes, iters, a))
+    src = ctx.Process(target=_source, args=(name, device, sizes, iters, arena_mib, a))
     dst = ctx.Process(target=_sink, args=(name, device, iters, b, out))
     src.start()
     dst.start()
@@ -147,6 +163,27 @@ def bench_copy(device: str, sizes: list[int], iters: int) -> list[dict]:
             sync(device)
             t0 = time.perf_counter()
             dst.copy_(src)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        p50 = statistics.median(times[1:])
+        nbytes = src.numel() * src.element_size()
+        rows.append({"bytes": nbytes, "p50_s": p50, "gbps": nbytes / p50 / 1e9})
+    return rows
+
+
+def bench_copy_wsum64(device: str, sizes: list[int], iters: int) -> list[dict]:
+    """The cuda_ipc sink's kernel alone: copy + checksum in one pass, same process."""
+    from baton.kernels.checksum import copy_with_wsum64
+
+    rows = []
+    for mib in sizes:
+        src = make_buffer(mib, device)
+        dst = torch.empty_like(src)
+        times = []
+        for _ in range(iters):
+            sync(device)
+            t0 = time.perf_counter()
+            copy_with_wsum64(src, dst)
             sync(device)
             times.append(time.perf_counter() - t0)
         p50 = statistics.median(times[1:])
@@ -266,6 +303,11 @@ def main() -> None:
     ap.add_argument("--sizes-mib", nargs="+", type=int, default=[1, 4, 16, 64])
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--model", default=None, help="model for the handover run (default model)")
+    ap.add_argument(
+        "--ipc-arena-mib", type=int, default=1024, help="cuda_ipc export arena; 0 = off"
+    )
+    ap.add_argument("--no-nccl-limit", action="store_true", help="skip the NCCL send/recv limit")
+    ap.add_argument("--no-handover", action="store_true", help="skip the handover run")
     ap.add_argument("--out", default="bench/results/kv_transfer.json")
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
@@ -284,19 +326,25 @@ def main() -> None:
         "transports": {},
     }
     result["limits"] = {"copy": bench_copy(args.device, args.sizes_mib, args.iters)}
+    result["ipc_arena_mib"] = args.ipc_arena_mib
     if cuda:
+        result["limits"]["copy_wsum64"] = bench_copy_wsum64(args.device, args.sizes_mib, args.iters)
+    if cuda and not args.no_nccl_limit:
         result["limits"]["nccl_send_recv"] = bench_nccl_limit(args.sizes_mib, args.iters)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for name in names:  # written after every step, so a run cut short still leaves what it measured
         print(f"== {name}", flush=True)
-        result["transports"][name] = bench_transport(name, args.device, args.sizes_mib, args.iters)
+        result["transports"][name] = bench_transport(
+            name, args.device, args.sizes_mib, args.iters, args.ipc_arena_mib
+        )
         print(json.dumps(result["transports"][name])[:600], flush=True)
         out.write_text(json.dumps(result, indent=2))
-    result["handover"] = bench_handover(args.device, args.iters, args.model)
+    if not args.no_handover:
+        result["handover"] = bench_handover(args.device, args.iters, args.model)
     out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result["limits"])[:800])
-    print(json.dumps(result["handover"]))
+    print(json.dumps(result["limits"])[:1200])
+    print(json.dumps(result.get("handover")))
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ a dead worker shows up as an exception on the next poll.
 
 The decode side drives the KV pull (``start`` with a ``PrefillOffer``): for pair-group transports it opens the
 pair once (both ends at the same time) and asks the source to ``send_kv`` while it receives; otherwise it pulls
-from the source's endpoint or opens the exported payload. The checksum is verified on receipt. Any failure
-(timeout, dead source, expired lease, bad bytes) makes it recompute the prefill locally, exactly once; the source
-is acked in every case so its blocks are freed before the lease runs out.
+from the source's endpoint or opens the exported payload. The checksum is verified on receipt, once
+(``receive_verified``: cuda_ipc checksums while it copies). Any failure (timeout, dead source, expired
+lease, bad bytes) makes it recompute the prefill locally, exactly once; the source is acked in every
+case so its blocks are freed before the lease runs out.
 
 Orphans: a stream whose caller died (a router replica killed mid-request) is never polled again. A
 reaper task aborts (blocks freed now) and forgets every stream not polled for ``orphan_timeout_s``;
@@ -31,9 +32,9 @@ from baton.cluster import tracing
 from baton.cluster.cache_publisher import CachePublisher
 from baton.cluster.pool_config import PoolConfig
 from baton.cluster.transfer import TransferError, make_transport
+from baton.cluster.transfer.base import ChecksumMismatch
 from baton.cluster.worker_telemetry import DecodeTrace, failure_reason, record_prefill
 from baton.workers.engine import EngineCore
-from baton.workers.kv_handle import verify
 from baton.workers.messages import GenerateDelta, GenerateRequest
 from baton.workers.roles import (
     DecodeRole,
@@ -115,17 +116,24 @@ class _Worker:
         self.config = config
         engine = EngineCore(config.engine, worker_id=worker_id)
         self.loop = EngineLoop(engine)
-        self.prefill_role = (
-            PrefillRole(self.loop, lease_s=config.lease_s) if self.kind != "decode" else None
-        )
-        self.decode_role = DecodeRole(self.loop) if self.kind != "prefill" else None
         self.transport = make_transport(
             transport,
             worker_id=worker_id,
             device=engine.device,
             host=_node_ip(),
             timeout_s=config.transfer_timeout_s,
+            export_arena_bytes=config.ipc_arena_mib << 20,
         )
+        self.prefill_role = (
+            PrefillRole(
+                self.loop,
+                lease_s=config.lease_s,
+                export_alloc=self.transport.export_allocator(),
+            )
+            if self.kind != "decode"
+            else None
+        )
+        self.decode_role = DecodeRole(self.loop) if self.kind != "prefill" else None
         self.endpoint = ""
         if self.prefill_role is not None:
             self.endpoint = self.transport.serve(
@@ -285,7 +293,7 @@ class _Worker:
         else:
             kv = await asyncio.wait_for(
                 asyncio.to_thread(
-                    self.transport.receive,
+                    self.transport.receive_verified,
                     handle,
                     endpoint=source.endpoint if source else "",
                     payload=offer.payload,
@@ -293,8 +301,6 @@ class _Worker:
                 ),
                 timeout + 1.0,
             )
-        if not await asyncio.to_thread(verify, handle, kv):
-            raise TransferError(f"checksum mismatch on {handle.request_id!r}")
         return kv
 
     async def _pair_transfer(self, handle, source: SourceRef):
@@ -319,7 +325,10 @@ class _Worker:
                 )
                 recv = asyncio.ensure_future(
                     asyncio.to_thread(
-                        self.transport.receive, handle, peer_id=source.worker_id, transfer_id=tid
+                        self.transport.receive_verified,
+                        handle,
+                        peer_id=source.worker_id,
+                        transfer_id=tid,
                     )
                 )
                 done, _ = await asyncio.wait(
@@ -332,6 +341,8 @@ class _Worker:
                     if not recv_done:
                         raise TransferError("receive timed out")
                 return recv.result()
+            except ChecksumMismatch:
+                raise  # every byte arrived: the pair group is still in step
             except BaseException:
                 self.transport.drop_pair(source.worker_id)  # the next transfer opens a fresh group
                 raise

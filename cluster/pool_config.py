@@ -52,6 +52,10 @@ class PoolConfig:
     )
     lease_s: float = 30.0  # prefill side holds exported KV this long without an ack
     transfer_timeout_s: float = 10.0
+    # cuda_ipc: each prefill worker gathers its exports into one pre-shared device buffer of this
+    # size (its IPC handle is opened once per decode worker); 0 = off (one handle per export).
+    # Exports that do not fit fall back to their own handle.
+    ipc_arena_mib: int = 1024
     prefill_timeout_s: float = 120.0
     stream_idle_timeout_s: float = (
         120.0  # no delta for this long from a live decode worker: terminal error
@@ -112,6 +116,12 @@ class PoolConfig:
         ):
             v = getattr(self, name)
             _require(v > 0, name, v, "must be > 0 seconds")
+        _require(
+            isinstance(self.ipc_arena_mib, int) and self.ipc_arena_mib >= 0,
+            "ipc_arena_mib",
+            self.ipc_arena_mib,
+            "must be an integer >= 0 (MiB; 0 = off)",
+        )
         for kind in self.worker_resources:
             _require(
                 kind in ("prefill", "decode", "colocated"),

@@ -397,9 +397,10 @@ class EngineCore:
             raise KeyError(f"request {request_id!r} holds no prefilled KV")
         return list(req.block_ids)
 
-    def export_kv(self, request_id: str) -> torch.Tensor:
-        """The held prompt KV as one contiguous ``[L, 2, n, bs, H, D]`` buffer (on the engine's device)."""
-        return self.runner.gather_blocks(self.held_blocks(request_id))
+    def export_kv(self, request_id: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The held prompt KV as one contiguous ``[L, 2, n, bs, H, D]`` buffer (on the engine's device),
+        gathered into ``out`` when given."""
+        return self.runner.gather_blocks(self.held_blocks(request_id), out=out)
 
     def release_request(self, request_id: str) -> bool:
         return self.scheduler.release_held(request_id)

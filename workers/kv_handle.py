@@ -7,13 +7,16 @@ in every process). It carries no transport detail: transports add what they need
 Checksums: on CPU, BLAKE2b over the raw bytes. On CUDA, hashing the bytes would need a device-to-host copy of the
 whole buffer, so a position-weighted 64-bit sum is computed on the device and only its two scalars are hashed with
 BLAKE2b. The weights are odd, so any single corrupted 32-bit word changes the sum. The algorithm is named in the
-handle, so the receiver verifies with the sender's algorithm whatever its own device.
+handle, so the receiver verifies with the sender's algorithm whatever its own device. On CUDA the sum is one
+Triton pass (``baton.kernels.checksum``, also fused into the cuda_ipc sink's copy); ``wsum64_reference`` here is
+its plain-torch reference and the CPU path.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -21,6 +24,13 @@ KV_LAYOUT = "L,2,blocks,block_size,kv_heads,head_dim"
 ALGO_BLAKE2B = "blake2b"
 ALGO_WSUM = "wsum64+blake2b"
 _WSUM_COLS = 4096
+
+# Where a prefill role gathers an export: (shape, dtype) -> (a buffer to export into, the callable that
+# frees it), or None to allocate as usual. A transport passes one in (cuda_ipc's pre-shared arena), so
+# workers/ never sees the transport itself.
+ExportAlloc = Callable[
+    [tuple[int, ...], torch.dtype], "tuple[torch.Tensor, Callable[[], None]] | None"
+]
 
 
 @dataclass(frozen=True)
@@ -66,7 +76,30 @@ def _as_words(buffer: torch.Tensor) -> torch.Tensor:
     pad = (-raw.numel()) % 4
     if pad:
         raw = torch.cat([raw, raw.new_zeros(pad)])
+    elif raw.storage_offset() % 4:  # a byte view off the 4-byte grid
+        raw = raw.clone()
     return raw.view(torch.int32)
+
+
+def wsum64_reference(buffer: torch.Tensor) -> torch.Tensor:
+    """``[2]`` int64 (weighted, plain) word sums of the buffer's bytes in plain torch: the
+    reference of ``baton.kernels.checksum.wsum64`` (used on CPU and by the tests)."""
+    words = _as_words(buffer.detach())
+    pad = (-words.numel()) % _WSUM_COLS
+    if pad:
+        words = torch.cat([words, words.new_zeros(pad)])
+    grid = words.view(-1, _WSUM_COLS).to(torch.int64)  # [rows, C]
+    col_w = torch.arange(_WSUM_COLS, device=grid.device, dtype=torch.int64) * 2 + 1  # odd
+    row_w = torch.arange(grid.shape[0], device=grid.device, dtype=torch.int64) * 2 + 1
+    weighted = ((grid * col_w).sum(1) * row_w).sum()  # wraps mod 2**64: still odd-weighted
+    return torch.stack([weighted, grid.sum()])
+
+
+def wsum_digest(sums: torch.Tensor, numel: int, shape: tuple[int, ...]) -> str:
+    """The ``ALGO_WSUM`` checksum from the ``[2]`` sums of a tensor with ``numel``/``shape``."""
+    pair = sums.cpu().tolist()  # the only host sync
+    tag = f"{pair[0]}:{pair[1]}:{numel}:{tuple(shape)}"
+    return hashlib.blake2b(tag.encode(), digest_size=16).hexdigest()
 
 
 @torch.inference_mode()
@@ -78,18 +111,13 @@ def kv_checksum(buffer: torch.Tensor, algo: str | None = None) -> str:
         return hashlib.blake2b(memoryview(data), digest_size=16).hexdigest()
     if algo != ALGO_WSUM:
         raise ValueError(f"unknown checksum algorithm {algo!r}")
-    words = _as_words(buffer.detach())
-    pad = (-words.numel()) % _WSUM_COLS
-    if pad:
-        words = torch.cat([words, words.new_zeros(pad)])
-    grid = words.view(-1, _WSUM_COLS).to(torch.int64)  # [rows, C]
-    col_w = torch.arange(_WSUM_COLS, device=grid.device, dtype=torch.int64) * 2 + 1  # odd
-    row_w = torch.arange(grid.shape[0], device=grid.device, dtype=torch.int64) * 2 + 1
-    weighted = ((grid * col_w).sum(1) * row_w).sum()  # wraps mod 2**64: still odd-weighted
-    plain = grid.sum()
-    pair = torch.stack([weighted, plain]).cpu().tolist()  # the only host sync
-    tag = f"{pair[0]}:{pair[1]}:{buffer.numel()}:{tuple(buffer.shape)}"
-    return hashlib.blake2b(tag.encode(), digest_size=16).hexdigest()
+    if buffer.device.type == "cuda":  # one fused pass over the bytes (Triton)
+        from baton.kernels.checksum import wsum64
+
+        sums = wsum64(buffer)
+    else:
+        sums = wsum64_reference(buffer)
+    return wsum_digest(sums, buffer.numel(), tuple(buffer.shape))
 
 
 def verify(handle: KVHandle, buffer: torch.Tensor) -> bool:

@@ -78,13 +78,24 @@ class ModelRunner:
         seq_lens: list[int] = []
         tables: list[list[int]] = []
         sample_rows: list[int] = []
+        # A step of decodes and draft verifications only runs as a decode batch of one row per
+        # token: the j-th token of a verified chunk becomes its own query at position start + j that
+        # sees start + j + 1 keys of the same block table (its own and the earlier drafts' K/V are
+        # written to the cache before attention reads it). So verification takes the decode kernel
+        # and the decode CUDA graphs instead of the eager extend path.
+        as_rows = all(c.num_tokens == 1 + c.num_draft and c.sample for c in out.chunks)
         for chunk in out.chunks:
             n = chunk.num_tokens
             input_ids.extend(chunk.token_ids)
             positions.extend(range(chunk.start, chunk.start + n))
-            query_lens.append(n)
-            seq_lens.append(chunk.start + n)
-            tables.append(list(chunk.block_ids))
+            if as_rows:
+                query_lens.extend([1] * n)
+                seq_lens.extend(range(chunk.start + 1, chunk.start + n + 1))
+                tables.extend([list(chunk.block_ids)] * n)
+            else:
+                query_lens.append(n)
+                seq_lens.append(chunk.start + n)
+                tables.append(list(chunk.block_ids))
             if chunk.sample:  # with drafts: the last num_draft + 1 rows (verification)
                 sample_rows.extend(range(len(input_ids) - 1 - chunk.num_draft, len(input_ids)))
         decode_only = len(input_ids) == len(query_lens)
@@ -117,8 +128,9 @@ class ModelRunner:
         return self.model.compute_logits(hidden.index_select(0, rows))
 
     # -- KV transfer ------------------------------------------------------------------------------
-    def gather_blocks(self, block_ids: list[int]) -> torch.Tensor:
-        """A sequence's blocks across all layers as one contiguous ``[L, 2, n, bs, H, D]`` buffer.
+    def gather_blocks(self, block_ids: list[int], out: torch.Tensor | None = None) -> torch.Tensor:
+        """A sequence's blocks across all layers as one contiguous ``[L, 2, n, bs, H, D]`` buffer
+        (written into ``out`` when given: e.g. a transport's pre-shared export arena).
 
         Triton kernel on CUDA; on CPU torch's own index_select is the fast path (and the kernel's reference).
         """
@@ -126,8 +138,13 @@ class ModelRunner:
 
         ids = torch.tensor(block_ids, dtype=torch.int32, device=self.device)
         if self.device.type == "cuda":
-            return cache_ops.gather_kv_blocks(self.kv_cache, ids)
-        return cache_ops.gather_kv_blocks_reference(self.kv_cache, ids)
+            return cache_ops.gather_kv_blocks(self.kv_cache, ids, out=out)
+        packed = cache_ops.gather_kv_blocks_reference(self.kv_cache, ids)
+        if out is None:
+            return packed
+        if out.shape != packed.shape or out.dtype != packed.dtype:
+            raise ValueError(f"out must be {tuple(packed.shape)} {packed.dtype}")
+        return out.copy_(packed)
 
     def scatter_blocks(self, buffer: torch.Tensor, block_ids: list[int]) -> None:
         from baton.kernels import cache_ops

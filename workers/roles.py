@@ -28,6 +28,7 @@ import torch
 from baton.workers.engine import EngineCore
 from baton.workers.kv_handle import (
     KV_LAYOUT,
+    ExportAlloc,
     KVHandle,
     default_algo,
     dtype_name,
@@ -231,13 +232,17 @@ class PrefillRole:
         *,
         lease_s: float = 30.0,
         clock: Callable[[], float] = time.time,
+        export_alloc: ExportAlloc | None = None,
     ) -> None:
         self.loop = loop
         self.worker_id = loop.engine.worker_id
         self.lease_s = lease_s
         self.clock = clock
+        self.export_alloc = export_alloc
         self._lock = threading.Lock()
         self._held: dict[str, tuple[KVHandle, torch.Tensor]] = {}
+        # Frees of held exports that live in export_alloc's memory (on ack, abort, lease expiry).
+        self._release: dict[str, Callable[[], None]] = {}
         self.kv_bytes_sent = 0
         self.leases_expired = 0
         loop.add_ticker(self._expire)
@@ -289,22 +294,30 @@ class PrefillRole:
             )
         eng = self.loop.engine
         blocks = eng.held_blocks(out.request_id)
-        buffer = eng.export_kv(out.request_id)  # [L, 2, n, bs, H, D]
-        handle = KVHandle(
-            worker_id=self.worker_id,
-            request_id=out.request_id,
-            block_ids=tuple(blocks),
-            shape=tuple(buffer.shape),
-            dtype=dtype_name(buffer.dtype),
-            layout=KV_LAYOUT,
-            checksum=kv_checksum(buffer),
-            checksum_algo=default_algo(buffer),
-            lease_deadline=self.clock() + self.lease_s,
-            num_prompt_tokens=len(out.prompt_token_ids),
-            num_cached_tokens=out.num_cached_tokens,
-        )
+        slot, release = self._export_slot(eng, len(blocks))
+        try:
+            buffer = eng.export_kv(out.request_id, out=slot)  # [L, 2, n, bs, H, D]
+            handle = KVHandle(
+                worker_id=self.worker_id,
+                request_id=out.request_id,
+                block_ids=tuple(blocks),
+                shape=tuple(buffer.shape),
+                dtype=dtype_name(buffer.dtype),
+                layout=KV_LAYOUT,
+                checksum=kv_checksum(buffer),
+                checksum_algo=default_algo(buffer),
+                lease_deadline=self.clock() + self.lease_s,
+                num_prompt_tokens=len(out.prompt_token_ids),
+                num_cached_tokens=out.num_cached_tokens,
+            )
+        except BaseException:
+            if release is not None:
+                release()
+            raise
         with self._lock:
             self._held[out.request_id] = (handle, buffer)
+            if release is not None:
+                self._release[out.request_id] = release
         return PrefillResult(
             out.request_id,
             first,
@@ -315,6 +328,16 @@ class PrefillRole:
             dict(out.metrics),
             tuple(out.prefill_chunks),
         )
+
+    def _export_slot(
+        self, eng: EngineCore, n_blocks: int
+    ) -> tuple[torch.Tensor | None, Callable[[], None] | None]:
+        """Where to gather the export: ``export_alloc``'s memory, or (None, None): a fresh buffer."""
+        if self.export_alloc is None:
+            return None, None
+        cache = eng.runner.kv_cache  # [L, 2, N, bs, H, D]
+        got = self.export_alloc((cache.shape[0], 2, n_blocks, *cache.shape[3:]), cache.dtype)
+        return got if got is not None else (None, None)
 
     def buffer_for(self, request_id: str) -> tuple[KVHandle, torch.Tensor] | None:
         """The held export if its lease is still valid (any thread; transports call this)."""
@@ -332,6 +355,9 @@ class PrefillRole:
         """Decode has the KV (or gave up on it): free blocks and buffer now."""
         with self._lock:
             held = self._held.pop(request_id, None)
+            release = self._release.pop(request_id, None)
+        if release is not None:
+            release()
         if held is None:
             return False
         self.loop.call(lambda eng: eng.release_request(request_id))
@@ -350,8 +376,12 @@ class PrefillRole:
         now = self.clock()
         with self._lock:
             gone = [rid for rid, (h, _) in self._held.items() if now >= h.lease_deadline]
+            releases = [self._release.pop(rid, None) for rid in gone]
             for rid in gone:
                 del self._held[rid]
+        for release in releases:
+            if release is not None:
+                release()
         for rid in gone:
             self.leases_expired += 1
             self.loop.engine.release_request(rid)  # we are on the loop thread

@@ -12,9 +12,14 @@ depends only on the capability flags:
 - ``same_host_only``: only valid when both ends are on one node. ``device_buffers``: moves device memory without
   staging through host memory.
 
-Every blocking call takes the transport's ``timeout_s``. ``receive`` does not verify checksums (the caller does),
-but applies injected ``TransferFaults`` (tests: delay, corrupt a byte in transit) so that the verification and
-recovery paths are exercised end to end.
+Every blocking call takes the transport's ``timeout_s``. ``receive`` does not verify checksums;
+``receive_verified`` (what the decode worker calls) does, once: by default a full recompute after the copy, while
+a transport that checksums while it copies (cuda_ipc) checks the sums it already has. Both apply injected
+``TransferFaults`` (tests: delay, corrupt a byte in transit) so that the verification and recovery paths are
+exercised end to end; a corrupted copy is always verified by a full recompute.
+
+Export arenas: a transport that exports payloads may carve the source's exports out of one pre-shared buffer of
+``export_arena_bytes`` (``export_allocator``); the prefill role then gathers the KV straight into it.
 """
 
 from __future__ import annotations
@@ -24,10 +29,10 @@ import socket
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
-from baton.workers.kv_handle import KVHandle, torch_dtype
+from baton.workers.kv_handle import ExportAlloc, KVHandle, torch_dtype, verify
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,10 @@ BufferLookup = Callable[[str], "tuple[KVHandle, torch.Tensor] | None"]
 
 class TransferError(RuntimeError):
     """A transfer did not complete (timeout, peer gone, lease expired, bad bytes): the sink recomputes."""
+
+
+class ChecksumMismatch(TransferError):
+    """The bytes arrived complete but differ from the handle's checksum (the channel itself is fine)."""
 
 
 @dataclass(frozen=True)
@@ -81,8 +90,10 @@ class KVTransport(ABC):
         device: torch.device | str = "cpu",
         host: str = "127.0.0.1",
         timeout_s: float = 10.0,
+        export_arena_bytes: int = 0,
     ) -> None:
         self.worker_id = worker_id
+        self.export_arena_bytes = export_arena_bytes  # used by transports that export payloads
         self.device = torch.device(device)
         self.host = host
         self.timeout_s = timeout_s
@@ -107,6 +118,10 @@ class KVTransport(ABC):
     def export_payload(self, handle: KVHandle, buffer: torch.Tensor) -> bytes:
         return b""
 
+    def export_allocator(self) -> ExportAlloc | None:
+        """Where the source should put its exports (None: anywhere; see the module docstring)."""
+        return None
+
     def open_pair(self, peer_id: str, endpoint: str, rank: int, generation: int) -> None:
         raise NotImplementedError(f"{self.name} has no pair groups")
 
@@ -124,25 +139,57 @@ class KVTransport(ABC):
         transfer_id: int = 0,
     ) -> torch.Tensor:
         """The handle's bytes as a tensor on this transport's device; raises ``TransferError``."""
+        self._before_receive()
+        buf = self._guarded(
+            handle, lambda: self._receive(handle, endpoint, payload, peer_id, transfer_id)
+        )
+        self._maybe_corrupt(buf)
+        return buf
+
+    def receive_verified(
+        self,
+        handle: KVHandle,
+        *,
+        endpoint: str = "",
+        payload: bytes = b"",
+        peer_id: str = "",
+        transfer_id: int = 0,
+    ) -> torch.Tensor:
+        """``receive`` plus the checksum check; raises ``ChecksumMismatch`` on bad bytes."""
+        buf = self.receive(
+            handle, endpoint=endpoint, payload=payload, peer_id=peer_id, transfer_id=transfer_id
+        )
+        if not verify(handle, buf):
+            raise ChecksumMismatch(f"{self.name}: checksum mismatch on {handle.request_id!r}")
+        return buf
+
+    def _before_receive(self) -> None:
         f = self.faults
         if f.delay_s > 0:
             time.sleep(f.delay_s)
         if f.fail_next > 0:
             f.fail_next -= 1
             raise TransferError("injected transfer failure")
+
+    def _guarded(self, handle: KVHandle, fn: Callable[[], Any]) -> Any:
         try:
-            buf = self._receive(handle, endpoint, payload, peer_id, transfer_id)
+            return fn()
         except TransferError:
             raise
         except Exception as exc:  # noqa: BLE001 - every transport failure means "recompute"
             raise TransferError(
                 f"{self.name} receive of {handle.request_id!r} failed: {exc}"
             ) from exc
-        if f.corrupt_next > 0:
-            f.corrupt_next -= 1
-            flat = buf.view(torch.uint8).view(-1)
-            flat[flat.numel() // 2] ^= 0x01
-        return buf
+
+    def _maybe_corrupt(self, buf: torch.Tensor) -> bool:
+        """Apply an armed ``corrupt_next`` fault (flip one byte); True when it did."""
+        f = self.faults
+        if f.corrupt_next <= 0:
+            return False
+        f.corrupt_next -= 1
+        flat = buf.view(torch.uint8).view(-1)
+        flat[flat.numel() // 2] ^= 0x01
+        return True
 
     @abstractmethod
     def _receive(
