@@ -106,8 +106,9 @@ class SpecDecoder:
     Each verified draft updates an exponential moving average (per request and engine-wide) of
     accepted / drafted. Below ``min_acceptance`` (after ``warmup_drafts`` drafted tokens) drafting
     stops for ``cooldown_steps`` steps, then probes again with the average reset to the threshold:
-    verification is not free (a batch with drafts cannot take the pure-decode kernel path), so a
-    workload that does not repeat itself should pay nothing.
+    verification is not free (each drafted token is one more decode row that reads its sequence's
+    KV again, and the host-side verification costs per request), so a workload that does not repeat
+    itself should pay nothing.
     """
 
     def __init__(self, config: SpeculativeConfig, proposer: Proposer | None = None) -> None:
