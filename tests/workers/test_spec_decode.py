@@ -218,6 +218,21 @@ def test_drafting_turns_itself_off_and_probes_again() -> None:
     assert dec.active and dec.propose(q) == [[3, 1]]
 
 
+def test_one_request_that_does_not_repeat_does_not_switch_drafting_off_for_others() -> None:
+    cfg = SpeculativeConfig(
+        k=2, min_acceptance=0.5, ema_alpha=0.5, warmup_drafts=4, cooldown_steps=100
+    )
+    dec = SpecDecoder(cfg)
+    good = DraftQuery("good", [1, 2, 3, 1, 2], [], k=2)
+    bad = DraftQuery("bad", [4, 5, 6, 4, 5], [], k=2)
+    assert dec.propose([good, bad]) == [[3, 1], [6, 4]]
+    for _ in range(6):  # the bad request rejects everything, the good one accepts half
+        dec.observe("bad", 2, 0)
+        dec.observe("good", 2, 1)
+    assert not dec.active  # the engine-wide average fell below the threshold ...
+    assert dec.propose([good, bad]) == [[3, 1], []]  # ... but only the bad request stops
+
+
 def test_speculative_config_validation() -> None:
     assert EngineConfig(speculative={"method": "ngram", "k": 3}).speculative.k == 3
     with pytest.raises(ValueError, match="speculative.k"):
