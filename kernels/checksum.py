@@ -1,38 +1,101 @@
-"""The KV transfer checksum on the device: a position-weighted 64-bit sum, alone or fused into a copy.
+"""The KV transfer checksums on the device, alone or fused into a copy (one read, one write).
 
-Both kernels compute EXACTLY ``workers/kv_handle.py``'s torch reference (``wsum64_reference``): the
-buffer's bytes as int32 words ``x_i`` (zero-padded to a multiple of 4 bytes, sign-extended to int64),
+``wsum32x2`` (the default for CUDA buffers) computes EXACTLY ``workers/kv_handle.py``'s
+``wsum32x2_reference``: the buffer's bytes as int32 words ``x_i`` (zero-padded to a multiple of 4
+bytes), with int32 arithmetic only, so it runs at copy bandwidth (64-bit multiplies are emulated
+on GPUs, which held the older wsum64 kernel to about half of it):
 
-    weighted = sum_i (2 * (i // 4096) + 1) * (2 * (i % 4096) + 1) * x_i      (mod 2**64)
-    plain    = sum_i x_i                                                      (mod 2**64)
+    weighted = sum_i (2 * i + 1) * x_i      (mod 2**32)
+    plain    = sum_i x_i                    (mod 2**32)
 
-Addition mod 2**64 is order-free, so each program sums its own blocks into two int64 partials and
-torch adds the partials afterwards: the result is a ``[2]`` int64 tensor on the device and nothing
-here waits for the host (the caller syncs once, for both scalars).
+Addition mod 2**32 is order-free, so each program sums its own contiguous run of blocks into two
+int32 partials and returns them as a ``[2, G]`` int32 tensor on the device: no second launch, the
+caller folds the partials on the host in the same sync that brings them over (``wsum32_fold``).
 
-``copy_with_wsum64`` copies ``src`` into ``dst`` in the same pass (one read, one write): the KV
-sink receives and checksums at copy bandwidth instead of copying, then re-reading to verify.
+    words:   | blk 0 (BLOCK) | blk 1 | ... | blk n_full-1 | tail (< BLOCK, masked) |
+    program p: blocks [p * per_prog, (p + 1) * per_prog) ; the last program also takes the tail
 
-    words:  | row 0: 4096 words          | row 1            | ...
-    blocks: | b0 | b1 | b2 | b3 (BLOCK)  | b4 | ...          grid-stride: program p takes
-            row = b // (4096 // BLOCK), col = (b % (4096 // BLOCK)) * BLOCK + lane   b = p, p+G, ...
+``wsum64`` (handles made before wsum32x2) is kept so those handles still verify on the device:
+
+    weighted = sum_i (2 * (i // 4096) + 1) * (2 * (i % 4096) + 1) * x_i    (mod 2**64)
+    plain    = sum_i x_i                                                    (mod 2**64)
+
+as a ``[2]`` int64 tensor (reference: ``wsum64_reference``).
 """
 
 from __future__ import annotations
 
 import functools
 from contextlib import nullcontext
+from typing import Callable, ContextManager
 
 import torch
 import triton
 import triton.language as tl
 
-WSUM_COLS = 4096  # words per weight row (kv_handle's layout; changing it changes every checksum)
-_BLOCK = 2048  # words per program iteration (8 KiB, 16-byte vectors per thread); divides WSUM_COLS
+WSUM_COLS = 4096  # wsum64: words per weight row (changing it changes every wsum64 checksum)
+_BLOCK = 2048  # wsum64: words per program iteration (8 KiB); divides WSUM_COLS
 _PROGRAMS_PER_SM = 4
 _CPU_PROGRAMS = 4  # the interpreter: a few programs still exercise the partial sums
 
+W32_BLOCK = 2048  # wsum32x2: words per block (8 KiB: 8 words, two 16-byte vectors, per thread)
+_W32_WARPS = 8
+_W32_PROGRAMS_PER_SM = 32  # many small programs: waves stay full whatever the kernel's occupancy
+_MASK32 = 0xFFFFFFFF
 
+
+# -- wsum32x2 -----------------------------------------------------------------------------------
+@triton.jit
+def _wsum32_kernel(
+    src_ptr,
+    dst_ptr,
+    part_ptr,
+    n_words,
+    n_full,
+    per_prog,
+    BLOCK: tl.constexpr,
+    COPY: tl.constexpr,
+    TAIL: tl.constexpr,
+):
+    """Grid: (G,). Program p sums the full blocks [p * per_prog, (p + 1) * per_prog) (and the last
+    program the masked block ``n_full`` when TAIL); writes part[p] (weighted), part[G + p] (plain).
+    The tensors may have any dtype: their bytes are read (and written) as int32 words. Every int32
+    product and sum wraps mod 2**32, as in the reference."""
+    src = src_ptr.to(tl.pointer_type(tl.int32))
+    dst = dst_ptr.to(tl.pointer_type(tl.int32))
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    lanes = tl.arange(0, BLOCK)
+    lane_w = lanes * 2 + 1  # odd
+    acc_w = tl.zeros([BLOCK], dtype=tl.int32)
+    acc_p = tl.zeros([BLOCK], dtype=tl.int32)
+    start = pid * per_prog
+    end = tl.minimum(start + per_prog, n_full)
+    for blk in range(start, end):  # full blocks: no masks, so the loads stay 16-byte vectors
+        b = tl.cast(blk, tl.int64)  # offsets past 2**31 words
+        offs = b * BLOCK + lanes
+        x = tl.load(src + offs)
+        if COPY:
+            tl.store(dst + offs, x)
+        base = tl.cast(b * (2 * BLOCK), tl.int32)  # 2 * (first word's index) mod 2**32
+        acc_w += x * (lane_w + base)
+        acc_p += x
+    if TAIL:
+        if pid == nprog - 1:
+            b = tl.cast(n_full, tl.int64)
+            offs = b * BLOCK + lanes
+            mask = offs < n_words
+            x = tl.load(src + offs, mask=mask, other=0)
+            if COPY:
+                tl.store(dst + offs, x, mask=mask)
+            base = tl.cast(b * (2 * BLOCK), tl.int32)
+            acc_w += x * (lane_w + base)
+            acc_p += x
+    tl.store(part_ptr + pid, tl.sum(acc_w, axis=0))
+    tl.store(part_ptr + nprog + pid, tl.sum(acc_p, axis=0))
+
+
+# -- wsum64 (older handles) ---------------------------------------------------------------------
 @triton.jit
 def _wsum64_kernel(
     src_ptr,
@@ -77,30 +140,40 @@ def _wsum64_kernel(
     tl.store(part_ptr + nprog + pid, tl.sum(acc_p, axis=0))
 
 
+# -- shared host-side helpers -------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _num_programs(n_blocks: int, device: torch.device) -> int:
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _num_programs(n_blocks: int, device: torch.device, per_sm: int = _PROGRAMS_PER_SM) -> int:
     if device.type != "cuda":
         return max(1, min(n_blocks, _CPU_PROGRAMS))
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return max(1, min(n_blocks, _sm_count(index) * _PROGRAMS_PER_SM))
+    return max(1, min(n_blocks, _sm_count(_device_index(device)) * per_sm))
+
+
+def _on_device(t: torch.Tensor) -> ContextManager:
+    """Triton launches on the current device: switch only when ``t`` lives elsewhere (the switch
+    costs more than the check, and the sink's thread normally runs on its own device)."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return nullcontext()
 
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _tail_sums(raw: torch.Tensor, n_words: int) -> torch.Tensor:
-    """(weighted, plain) of the bytes past the last full word, zero-padded into word ``n_words``."""
+def _tail_word(raw: torch.Tensor, n_words: int) -> torch.Tensor:
+    """The bytes past the last full word, zero-padded into one word: ``[1]`` int64, sign-extended."""
     word = torch.zeros(4, dtype=torch.uint8, device=raw.device)
     tail = raw[n_words * 4 :]
     word[: tail.numel()] = tail
-    x = word.view(torch.int32).to(torch.int64)  # [1]
-    weight = (2 * (n_words // WSUM_COLS) + 1) * (2 * (n_words % WSUM_COLS) + 1)
-    return torch.cat([x * weight, x])
+    return word.view(torch.int32).to(torch.int64)
 
 
 _PLAIN_DTYPES = frozenset(
@@ -114,55 +187,124 @@ def _kernel_arg(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in _PLAIN_DTYPES else t.view(torch.uint8)
 
 
-def _launch(src: torch.Tensor, dst: torch.Tensor | None, n_words: int) -> torch.Tensor:
-    """``[2]`` sums of the first ``n_words`` words of contiguous, 4-byte aligned ``src`` (copied
-    into ``dst`` when given): no views needed, the kernel reads the bytes through int32 pointers."""
-    if n_words == 0:
-        return torch.zeros(2, dtype=torch.int64, device=src.device)
-    n_blocks = triton.cdiv(n_words, _BLOCK)
-    grid = _num_programs(n_blocks, src.device)
-    parts = torch.empty(2, grid, dtype=torch.int64, device=src.device)
-    copy = dst is not None
-    with torch.cuda.device(src.device) if src.is_cuda else nullcontext():
-        _wsum64_kernel[(grid,)](
-            _kernel_arg(src), _kernel_arg(dst if dst is not None else src), parts, n_words,
-            n_blocks,
-            COLS=WSUM_COLS, BLOCK=_BLOCK, COPY=copy, EVEN=n_words % _BLOCK == 0, num_warps=8,
-        )  # fmt: skip
-    return parts.sum(dim=1)  # int64 sums wrap mod 2**64
-
-
 def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 
 
-def wsum64(buffer: torch.Tensor) -> torch.Tensor:
-    """``[2]`` int64 (weighted, plain) of ``buffer``'s bytes, on its device (no host sync)."""
+def _aligned(buffer: torch.Tensor) -> torch.Tensor:
     buf = buffer.detach().contiguous()
-    if buf.data_ptr() % 4:  # a byte view off the 4-byte grid: checksum an aligned copy
-        buf = buf.clone()
-    nbytes = _nbytes(buf)
-    sums = _launch(buf, None, nbytes // 4)
-    if nbytes % 4:
-        sums = sums + _tail_sums(_flat_bytes(buf), nbytes // 4)
-    return sums
+    return buf.clone() if buf.data_ptr() % 4 else buf  # a byte view off the 4-byte grid
 
 
-def copy_with_wsum64(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
-    """Copy ``src``'s bytes into ``dst`` (same byte count, any dtypes/shapes, both contiguous) and
-    return their ``wsum64`` from the same pass; no host sync (the sums are ready when the copy is)."""
+def _checked_pair(src: torch.Tensor, dst: torch.Tensor) -> int:
     if not src.is_contiguous() or not dst.is_contiguous():
         raise ValueError("src and dst must be contiguous")
     nbytes = _nbytes(src)
     if nbytes != _nbytes(dst):
         raise ValueError(f"src has {nbytes} bytes, dst {_nbytes(dst)}")
+    return nbytes
+
+
+def _fused_copy(
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    launch: Callable[[torch.Tensor, torch.Tensor | None, int], torch.Tensor],
+    alone: Callable[[torch.Tensor], torch.Tensor],
+    tail: Callable[[torch.Tensor, int], torch.Tensor],
+) -> torch.Tensor:
+    nbytes = _checked_pair(src, dst)
     if src.data_ptr() % 4 or dst.data_ptr() % 4 or src.device != dst.device:
         # misaligned byte views or two devices (peer memory): a plain copy, then checksum it
         _flat_bytes(dst).copy_(_flat_bytes(src.detach()))
-        return wsum64(dst)
-    sums = _launch(src.detach(), dst, nbytes // 4)
+        return alone(dst)
+    sums = launch(src.detach(), dst, nbytes // 4)
     if nbytes % 4:
         s, d = _flat_bytes(src.detach()), _flat_bytes(dst)
         d[(nbytes // 4) * 4 :] = s[(nbytes // 4) * 4 :]
-        sums = sums + _tail_sums(s, nbytes // 4)
+        sums = tail(sums, s)
     return sums
+
+
+# -- wsum32x2 API -------------------------------------------------------------------------------
+def _w32_launch(src: torch.Tensor, dst: torch.Tensor | None, n_words: int) -> torch.Tensor:
+    """``[2, G]`` int32 partials of the first ``n_words`` words of contiguous, 4-byte aligned
+    ``src`` (copied into ``dst`` when given)."""
+    n_full = n_words // W32_BLOCK
+    tail = n_words % W32_BLOCK != 0
+    grid = _num_programs(n_full, src.device, _W32_PROGRAMS_PER_SM)
+    per_prog = triton.cdiv(n_full, grid) if n_full else 0
+    grid = triton.cdiv(n_full, per_prog) if per_prog else 1
+    parts = torch.empty(2, grid, dtype=torch.int32, device=src.device)
+    if n_words == 0:
+        return parts.zero_()
+    with _on_device(src):
+        _wsum32_kernel[(grid,)](
+            _kernel_arg(src), _kernel_arg(dst if dst is not None else src), parts, n_words, n_full,
+            per_prog,
+            BLOCK=W32_BLOCK, COPY=dst is not None, TAIL=tail, num_warps=_W32_WARPS,
+        )  # fmt: skip
+    return parts
+
+
+def _w32_tail(parts: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+    """``parts`` with one more column: the zero-padded word past the last full one, weighted."""
+    n_words = raw.numel() // 4
+    x = _tail_word(raw, n_words)
+    col = torch.cat([x * (2 * n_words + 1), x]) & _MASK32  # [2] int64 in [0, 2**32)
+    col = col - ((col >> 31) << 32)  # as signed int32 values (same residues mod 2**32)
+    return torch.cat([parts, col.to(torch.int32).view(2, 1)], dim=1)
+
+
+def wsum32x2(buffer: torch.Tensor) -> torch.Tensor:
+    """``[2, G]`` int32 partials (weighted, plain) of ``buffer``'s bytes, on its device, no host
+    sync: ``wsum32_fold`` (kv_handle) turns them into the two sums mod 2**32."""
+    buf = _aligned(buffer)
+    nbytes = _nbytes(buf)
+    parts = _w32_launch(buf, None, nbytes // 4)
+    return _w32_tail(parts, _flat_bytes(buf)) if nbytes % 4 else parts
+
+
+def copy_with_wsum32x2(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """Copy ``src``'s bytes into ``dst`` (same byte count, any dtypes/shapes, both contiguous) and
+    return their ``wsum32x2`` partials from the same pass; no host sync."""
+    return _fused_copy(src, dst, _w32_launch, wsum32x2, _w32_tail)
+
+
+# -- wsum64 API ---------------------------------------------------------------------------------
+def _launch(src: torch.Tensor, dst: torch.Tensor | None, n_words: int) -> torch.Tensor:
+    """``[2]`` wsum64 sums of the first ``n_words`` words of contiguous, 4-byte aligned ``src``
+    (copied into ``dst`` when given): the kernel reads the bytes through int32 pointers."""
+    if n_words == 0:
+        return torch.zeros(2, dtype=torch.int64, device=src.device)
+    n_blocks = triton.cdiv(n_words, _BLOCK)
+    grid = _num_programs(n_blocks, src.device)
+    parts = torch.empty(2, grid, dtype=torch.int64, device=src.device)
+    with _on_device(src):
+        _wsum64_kernel[(grid,)](
+            _kernel_arg(src), _kernel_arg(dst if dst is not None else src), parts, n_words,
+            n_blocks,
+            COLS=WSUM_COLS, BLOCK=_BLOCK, COPY=dst is not None, EVEN=n_words % _BLOCK == 0,
+            num_warps=8,
+        )  # fmt: skip
+    return parts.sum(dim=1)  # int64 sums wrap mod 2**64
+
+
+def _w64_tail(sums: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+    n_words = raw.numel() // 4
+    x = _tail_word(raw, n_words)
+    weight = (2 * (n_words // WSUM_COLS) + 1) * (2 * (n_words % WSUM_COLS) + 1)
+    return sums + torch.cat([x * weight, x])
+
+
+def wsum64(buffer: torch.Tensor) -> torch.Tensor:
+    """``[2]`` int64 (weighted, plain) of ``buffer``'s bytes, on its device (no host sync)."""
+    buf = _aligned(buffer)
+    nbytes = _nbytes(buf)
+    sums = _launch(buf, None, nbytes // 4)
+    return _w64_tail(sums, _flat_bytes(buf)) if nbytes % 4 else sums
+
+
+def copy_with_wsum64(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """Copy ``src``'s bytes into ``dst`` (same byte count, any dtypes/shapes, both contiguous) and
+    return their ``wsum64`` from the same pass; no host sync (the sums are ready when the copy is)."""
+    return _fused_copy(src, dst, _launch, wsum64, _w64_tail)

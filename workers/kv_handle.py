@@ -5,11 +5,14 @@ unit of transfer), who holds it, and until when (``lease_deadline``, wall-clock 
 in every process). It carries no transport detail: transports add what they need beside it.
 
 Checksums: on CPU, BLAKE2b over the raw bytes. On CUDA, hashing the bytes would need a device-to-host copy of the
-whole buffer, so a position-weighted 64-bit sum is computed on the device and only its two scalars are hashed with
-BLAKE2b. The weights are odd, so any single corrupted 32-bit word changes the sum. The algorithm is named in the
-handle, so the receiver verifies with the sender's algorithm whatever its own device. On CUDA the sum is one
-Triton pass (``baton.kernels.checksum``, also fused into the cuda_ipc sink's copy); ``wsum64_reference`` here is
-its plain-torch reference and the CPU path.
+whole buffer, so position-weighted word sums are computed on the device and only those two scalars are hashed
+with BLAKE2b. ``wsum32x2`` (the CUDA default) reads the bytes as int32 words ``x_i`` and takes
+``sum (2i+1) * x_i`` and ``sum x_i``, both mod 2**32: int32 arithmetic only, so the Triton kernel runs at copy
+bandwidth. The weights are odd, hence invertible mod 2**32, so any single corrupted 32-bit word changes the
+weighted sum (and the plain one). ``wsum64`` (64-bit sums, the previous default) still verifies older handles.
+The algorithm is named in the handle, so the receiver verifies with the sender's algorithm whatever its own
+device. On CUDA each sum is one Triton pass (``baton.kernels.checksum``, also fused into the cuda_ipc sink's
+copy); ``wsum32x2_reference`` / ``wsum64_reference`` here are their plain-torch references and the CPU path.
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ import torch
 
 KV_LAYOUT = "L,2,blocks,block_size,kv_heads,head_dim"
 ALGO_BLAKE2B = "blake2b"
-ALGO_WSUM = "wsum64+blake2b"
+ALGO_WSUM = "wsum64+blake2b"  # handles made before wsum32x2: still verified
+ALGO_WSUM32 = "wsum32x2+blake2b"
 _WSUM_COLS = 4096
+_MASK32 = 0xFFFFFFFF
+_REF_CHUNK = 1 << 22  # words per reference step (bounds its int64 temporaries to 32 MiB each)
 
 # Where a prefill role gathers an export: (shape, dtype) -> (a buffer to export into, the callable that
 # frees it), or None to allocate as usual. A transport passes one in (cuda_ipc's pre-shared arena), so
@@ -52,7 +58,7 @@ class KVHandle:
         n = 1
         for s in self.shape:
             n *= s
-        return n * torch.empty((), dtype=torch_dtype(self.dtype)).element_size()
+        return n * torch_dtype(self.dtype).itemsize
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -67,7 +73,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def default_algo(buffer: torch.Tensor) -> str:
-    return ALGO_WSUM if buffer.device.type == "cuda" else ALGO_BLAKE2B
+    return ALGO_WSUM32 if buffer.device.type == "cuda" else ALGO_BLAKE2B
 
 
 def _as_words(buffer: torch.Tensor) -> torch.Tensor:
@@ -95,8 +101,37 @@ def wsum64_reference(buffer: torch.Tensor) -> torch.Tensor:
     return torch.stack([weighted, grid.sum()])
 
 
+def wsum32x2_reference(buffer: torch.Tensor) -> torch.Tensor:
+    """``[2]`` int64 (weighted, plain) in ``[0, 2**32)``: the buffer's bytes as int32 words ``x_i``,
+    ``sum (2i+1) * x_i`` and ``sum x_i`` mod 2**32, in plain torch: the reference of
+    ``baton.kernels.checksum.wsum32x2`` (used on CPU and by the tests). int64 sums wrap mod 2**64,
+    which keeps them exact mod 2**32."""
+    words = _as_words(buffer.detach())
+    acc = torch.zeros(2, dtype=torch.int64, device=words.device)
+    for start in range(0, words.numel(), _REF_CHUNK):
+        x = words[start : start + _REF_CHUNK].to(torch.int64)
+        w = torch.arange(start, start + x.numel(), device=x.device, dtype=torch.int64) * 2 + 1
+        acc = acc + torch.stack([(x * w).sum(), x.sum()])
+    return acc & _MASK32
+
+
+def wsum32_fold(parts: torch.Tensor) -> tuple[int, int]:
+    """(weighted, plain) mod 2**32 from ``wsum32x2``'s ``[2, G]`` partials (or the reference's
+    ``[2]``): brings them to the host (the only host sync) and adds them there."""
+    host = parts.cpu().numpy().reshape(2, -1).astype("int64")  # G < 2**31 terms below 2**32
+    w, p = host.sum(axis=1).tolist()
+    return w & _MASK32, p & _MASK32
+
+
+def wsum32_digest(parts: torch.Tensor, numel: int, shape: tuple[int, ...]) -> str:
+    """The ``ALGO_WSUM32`` checksum from the partials of a tensor with ``numel``/``shape``."""
+    w, p = wsum32_fold(parts)
+    tag = f"w32:{w}:{p}:{numel}:{tuple(shape)}"
+    return hashlib.blake2b(tag.encode(), digest_size=16).hexdigest()
+
+
 def wsum_digest(sums: torch.Tensor, numel: int, shape: tuple[int, ...]) -> str:
-    """The ``ALGO_WSUM`` checksum from the ``[2]`` sums of a tensor with ``numel``/``shape``."""
+    """The ``ALGO_WSUM`` (wsum64) checksum from the ``[2]`` sums of a tensor with ``numel``/``shape``."""
     pair = sums.cpu().tolist()  # the only host sync
     tag = f"{pair[0]}:{pair[1]}:{numel}:{tuple(shape)}"
     return hashlib.blake2b(tag.encode(), digest_size=16).hexdigest()
@@ -104,20 +139,26 @@ def wsum_digest(sums: torch.Tensor, numel: int, shape: tuple[int, ...]) -> str:
 
 @torch.inference_mode()
 def kv_checksum(buffer: torch.Tensor, algo: str | None = None) -> str:
-    """Checksum of the buffer's bytes (see the module docstring for the two algorithms)."""
+    """Checksum of the buffer's bytes (see the module docstring for the algorithms)."""
     algo = algo or default_algo(buffer)
     if algo == ALGO_BLAKE2B:
         data = buffer.detach().contiguous().cpu().view(torch.uint8).reshape(-1).numpy()
         return hashlib.blake2b(memoryview(data), digest_size=16).hexdigest()
-    if algo != ALGO_WSUM:
-        raise ValueError(f"unknown checksum algorithm {algo!r}")
-    if buffer.device.type == "cuda":  # one fused pass over the bytes (Triton)
-        from baton.kernels.checksum import wsum64
+    cuda = buffer.device.type == "cuda"
+    shape = tuple(buffer.shape)
+    if algo == ALGO_WSUM32:
+        if cuda:  # one pass over the bytes (Triton)
+            from baton.kernels.checksum import wsum32x2
 
-        sums = wsum64(buffer)
-    else:
-        sums = wsum64_reference(buffer)
-    return wsum_digest(sums, buffer.numel(), tuple(buffer.shape))
+            return wsum32_digest(wsum32x2(buffer), buffer.numel(), shape)
+        return wsum32_digest(wsum32x2_reference(buffer), buffer.numel(), shape)
+    if algo == ALGO_WSUM:
+        if cuda:
+            from baton.kernels.checksum import wsum64
+
+            return wsum_digest(wsum64(buffer), buffer.numel(), shape)
+        return wsum_digest(wsum64_reference(buffer), buffer.numel(), shape)
+    raise ValueError(f"unknown checksum algorithm {algo!r}")
 
 
 def verify(handle: KVHandle, buffer: torch.Tensor) -> bool:
