@@ -217,10 +217,13 @@ class _Worker:
         resume_tokens: tuple[int, ...] = (),
         unsent_from: int = 0,
         conditional: bool = False,
+        first_sent: bool = False,
     ) -> StartResult:
-        """Begin decoding. With an ``offer``: pull its KV from ``source`` (recompute on any failure). With
-        ``resume_tokens``: continue after tokens produced elsewhere (those from ``unsent_from`` on were not
-        streamed yet). Neither: prefill here (``conditional``, or a recompute after a failed prefill)."""
+        """Begin decoding. With an ``offer``: pull its KV from ``source`` (recompute on any failure);
+        ``first_sent``: the caller already streamed the offer's first token, so it is not emitted
+        again. With ``resume_tokens``: continue after tokens produced elsewhere (those from
+        ``unsent_from`` on were not streamed yet). Neither: prefill here (``conditional``, or a
+        recompute after a failed prefill)."""
         role = self._need_decode()
         kv, err, tokens, emit = None, None, resume_tokens, resume_tokens[unsent_from:]
         lps: tuple = ()
@@ -229,6 +232,8 @@ class _Worker:
             res = offer.result
             tokens, emit = (res.first_token_id,), (res.first_token_id,)
             lps = (res.first_logprob,) if res.first_logprob is not None else ()
+            if first_sent:
+                emit, lps = (), ()
             t0 = time.monotonic()
             try:
                 kv = await self._pull(offer, source)

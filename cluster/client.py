@@ -2,7 +2,9 @@
 
 ``generate(req, hint)`` picks a decode worker (and a prefill worker when the uncached prompt is at least
 ``disagg_threshold_tokens``; shorter ones are prefilled on the decode worker: conditional disaggregation),
-runs prefill -> KV handle -> decode pull -> stream, and yields ``GenerateDelta``s. Failure semantics:
+runs prefill -> KV handle -> decode pull -> stream, and yields ``GenerateDelta``s. The first token is yielded
+as soon as the prefill worker returns it (with its text); the decode worker streams from the second on.
+Failure semantics:
 
 - prefill worker dead or timed out: the decode worker recomputes the prefill (once);
 - transfer error, checksum mismatch, expired lease: handled inside the decode worker (recompute once);
@@ -157,6 +159,7 @@ class ClusterClient:
         emitted_chars = 0
         skip_chars = 0
         finished = False
+        held_by: str | None = None  # a prefill worker holding KV that no decode worker took yet
         try:
             start: dict[str, Any] = {"conditional": pid is None}
             if pid is not None:
@@ -170,8 +173,24 @@ class ClusterClient:
                     yield offer.result.final
                     return
                 if offer is not None:
-                    first_unsent = (offer.result.first_token_id,)
-                    start = {"offer": offer, "source": self._source(pid)}
+                    # Stream the first token now: TTFT does not wait for the KV transfer and the
+                    # decode worker's first step. The decode worker skips it (``first_sent``) and
+                    # its text (``skip_chars``); a resume elsewhere counts it as streamed.
+                    res = offer.result
+                    first = GenerateDelta(
+                        request_id=rid,
+                        token_ids=(res.first_token_id,),
+                        text=res.first_text,
+                        logprobs=(res.first_logprob,) if res.first_logprob is not None else None,
+                        num_prompt_tokens=len(req.prompt_token_ids),
+                        num_cached_tokens=res.num_cached_tokens,
+                        worker_id=pid,
+                    )
+                    streamed.append(res.first_token_id)
+                    emitted_chars = skip_chars = len(res.first_text)
+                    start = {"offer": offer, "source": self._source(pid), "first_sent": True}
+                    held_by = pid
+                    yield first
                 else:
                     start = {"conditional": False}
             while True:  # one iteration per decode worker tried
@@ -179,6 +198,7 @@ class ClusterClient:
                 self._inflight[did] = self._inflight.get(did, 0) + 1
                 actor = self._workers[did][1]
                 try:
+                    held_by = None  # the decode worker acks (or the lease frees) from here on
                     await asyncio.wait_for(
                         actor.start.remote(req, **start), self.config.prefill_timeout_s
                     )
@@ -241,7 +261,9 @@ class ClusterClient:
                 )
         finally:
             self._where.pop(rid, None)
-            if not finished and did is not None and did not in dead:
+            if not finished and held_by is not None:
+                await self._abort_on(held_by, rid)  # left after the first token: free the KV now
+            elif not finished and did is not None and did not in dead:
                 await self._abort_on(did, rid)  # the consumer went away
 
     async def _abort_on(self, worker_id: str, request_id: str) -> None:

@@ -112,6 +112,9 @@ class PrefillResult:
     num_cached_tokens: int = 0
     metrics: dict[str, float] | None = None  # the engine's monotonic timestamps (tracing)
     prefill_chunks: tuple[tuple[float, int], ...] = ()  # (monotonic end, tokens) per chunk
+    # The first token's text as this worker's detokenizer produced it ("" while a stop string may
+    # still match): the caller can stream the first token before the KV reaches a decode worker.
+    first_text: str = ""
 
 
 def to_delta(
@@ -327,6 +330,7 @@ class PrefillRole:
             out.num_cached_tokens,
             dict(out.metrics),
             tuple(out.prefill_chunks),
+            comp.delta_text,
         )
 
     def _export_slot(

@@ -109,9 +109,18 @@ def test_delay_past_lease_recomputes(pools, want):
     did = decode_ids(pools)[1]
     ray.get(pools.workers[did].actor.set_faults.remote(delay_s=3.5), timeout=10)
     try:
-        t0 = time.monotonic()
-        tokens, _ = asyncio.run(collect(pools.client(), "late", RoutingHint(decode_worker=did)))
+        t0, first_at = time.monotonic(), []
+        tokens, deltas = asyncio.run(
+            collect(
+                pools.client(),
+                "late",
+                RoutingHint(decode_worker=did),
+                on_first=lambda: first_at.append(time.monotonic()),
+            )
+        )
         assert time.monotonic() - t0 < 30
+        # The first token is streamed from the prefill offer, not after the stalled transfer.
+        assert deltas[0].token_ids == (want[0],) and first_at[0] - t0 < 3.0
     finally:
         ray.get(pools.workers[did].actor.set_faults.remote(), timeout=10)
     assert tokens == want
