@@ -208,6 +208,10 @@ def run_small_sweep(args, env) -> None:
     copy_bw = _copy_bw()
     shapes = [(1, 512), (4, 512), (16, 512), (1, 4096), (16, 4096), (1, 1024), (64, 512)]
     configs = [(bn, w, s) for bn in (16, 32, 64) for w in (2, 4, 8) for s in (2, 3)]
+    if args.sweep_shapes:
+        shapes = [tuple(int(x) for x in t.split("x")) for t in args.sweep_shapes.split(",")]
+    if args.sweep_configs:
+        configs = [tuple(int(x) for x in t.split("/")) for t in args.sweep_configs.split(",")]
     for batch, ctx in shapes:
         kvb = _kv_bytes(batch, ctx, 2)
         copies = copies_for(kvb)
@@ -253,6 +257,8 @@ def main() -> None:
     p.add_argument("--max-gib", type=float, default=66.0)
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--small-sweep", action="store_true", help="configs x splits at small shapes")
+    p.add_argument("--sweep-shapes", default="", help="small sweep shapes, e.g. 16x512,16x4096")
+    p.add_argument("--sweep-configs", default="", help="BLOCK_N/warps/stages list, e.g. 128/8/2")
     p.add_argument("--out", type=Path, default=Path("bench/results/decode_attention.json"))
     args = p.parse_args()
     if not torch.cuda.is_available():
