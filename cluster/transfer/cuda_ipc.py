@@ -6,12 +6,15 @@ handle is taken once (``reduce_tensor``) and whose bytes are carved into 256-byt
 first-fit ``ExtentAllocator``. The prefill role gathers the KV straight into an extent
 (``export_allocator``) and frees it when the held export is released (ack, abort, lease expiry). The payload
 is then ``ArenaRef`` (arena id, offset, bytes, plus the arena's pickled handle for a sink that has not
-opened it yet). When the arena is off, full or fails to allocate, an export is any CUDA tensor and the
-payload is ``TensorRef``: its own handle, taken per export (the slow path: the sink opens it per transfer).
+opened it yet), packed with ``struct`` so the sink parses it in a microsecond (``decode_payload``). When the
+arena is off, full or fails to allocate, an export is any CUDA tensor and the payload is ``TensorRef``: its
+own handle, taken per export (the slow path: the sink opens it per transfer).
 
 Sink: opened arenas are kept (``arena id -> uint8 view``, LRU-bounded, dropped on ``close``), so a source's
-handle is opened once, not per transfer. The copy is ``copy_with_wsum64`` (Triton), which checksums while
-it copies: ``receive_verified`` checks those sums (one host sync) instead of re-reading the bytes.
+handle is opened once, not per transfer. The copy is the handle's checksum fused into it
+(``copy_with_wsum32x2``, or ``copy_with_wsum64`` for older handles; Triton): ``receive_verified`` checks
+those sums instead of re-reading the bytes, with one launch and one host sync (the partials' trip to
+the host, which also tells that the copy is done).
 
 Lifetime: the sink acks after its copy has completed (the checksum's host sync), so an extent is reused
 only after its reader is done. A sink still copying when the lease expired may read an extent that is
@@ -23,6 +26,7 @@ from __future__ import annotations
 import bisect
 import logging
 import pickle
+import struct
 import threading
 import uuid
 from collections import OrderedDict
@@ -36,9 +40,17 @@ from baton.cluster.transfer.base import (
     KVTransport,
     TransferError,
     TransportCaps,
-    empty_like_handle,
 )
-from baton.workers.kv_handle import ALGO_WSUM, KVHandle, dtype_name, verify, wsum_digest
+from baton.workers.kv_handle import (
+    ALGO_WSUM,
+    ALGO_WSUM32,
+    KVHandle,
+    dtype_name,
+    torch_dtype,
+    verify,
+    wsum32_digest,
+    wsum_digest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -148,14 +160,23 @@ class ExportArena:
             return self._opener
 
 
+_ARENA_TAG, _TENSOR_TAG = b"KVA1", b"KVT1"
+# tag, arena id (uuid bytes), offset, nbytes; the opener follows
+_ARENA_HEAD = struct.Struct("<4s16sQQ")
+
+
 @dataclass(frozen=True)
 class ArenaRef:
     """An export inside a source's arena."""
 
-    arena_id: str
+    arena_id: str  # uuid hex
     offset: int
     nbytes: int
     opener: bytes  # ExportArena.opener(): used only by a sink that has not mapped this arena yet
+
+    def encode(self) -> bytes:
+        head = _ARENA_HEAD.pack(_ARENA_TAG, bytes.fromhex(self.arena_id), self.offset, self.nbytes)
+        return head + self.opener
 
 
 @dataclass(frozen=True)
@@ -163,6 +184,30 @@ class TensorRef:
     """An export outside any arena: its own ``reduce_tensor`` (opened per transfer)."""
 
     reduced: tuple
+
+    def encode(self) -> bytes:
+        return _TENSOR_TAG + pickle.dumps(self.reduced)
+
+
+def decode_payload(payload: bytes) -> ArenaRef | TensorRef:
+    """The export a cuda_ipc payload names; ``TransferError`` for anything else."""
+    tag = payload[:4]
+    if tag == _ARENA_TAG and len(payload) >= _ARENA_HEAD.size:
+        _, arena_id, offset, nbytes = _ARENA_HEAD.unpack_from(payload)
+        return ArenaRef(arena_id.hex(), offset, nbytes, payload[_ARENA_HEAD.size :])
+    if tag == _TENSOR_TAG:
+        return TensorRef(pickle.loads(payload[4:]))
+    raise TransferError(f"cuda_ipc payload of unknown kind {bytes(tag)!r}")
+
+
+def _fused_copies() -> dict[str, tuple[Callable, Callable]]:
+    """checksum algorithm -> (copy fused with its sums, digest of those sums)."""
+    from baton.kernels.checksum import copy_with_wsum32x2, copy_with_wsum64
+
+    return {
+        ALGO_WSUM32: (copy_with_wsum32x2, wsum32_digest),
+        ALGO_WSUM: (copy_with_wsum64, wsum_digest),
+    }
 
 
 class CudaIpcTransport(KVTransport):
@@ -185,6 +230,7 @@ class CudaIpcTransport(KVTransport):
         self._opened: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._open_lock = threading.Lock()
         self.arenas_opened = 0  # how many times a sink mapped an arena (tests, metrics)
+        self._fused = _fused_copies()
 
     # -- source side ------------------------------------------------------------------------------
     def export_allocator(self) -> ExportAlloc | None:
@@ -226,7 +272,7 @@ class CudaIpcTransport(KVTransport):
 
             ref = TensorRef(reduce_tensor(buffer))
         self._on_sent(nbytes)
-        return pickle.dumps(ref)
+        return ref.encode()
 
     # -- sink side --------------------------------------------------------------------------------
     def _arena_view(self, ref: ArenaRef) -> torch.Tensor:
@@ -245,27 +291,26 @@ class CudaIpcTransport(KVTransport):
                 self._opened.popitem(last=False)
             return view
 
-    def _copy_in(self, handle: KVHandle, payload: bytes) -> tuple[torch.Tensor, torch.Tensor]:
-        """(a fresh copy of the export on this device, its ``[2]`` wsum64 sums); not yet synced."""
-        from baton.kernels.checksum import copy_with_wsum64
-
+    def _copy_in(
+        self, handle: KVHandle, payload: bytes, fused: Callable | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(a fresh copy of the export on this device, the checksum sums ``fused`` made while it
+        copied, or None with ``fused`` None). Not synced on the arena path (the caller's one sync)."""
         if not payload:
             raise TransferError("cuda_ipc receive without an exported handle")
-        ref = pickle.loads(payload)
-        dst = empty_like_handle(handle, self.device)
+        ref = decode_payload(payload)
+        dst = torch.empty(handle.shape, dtype=torch_dtype(handle.dtype), device=self.device)
         if isinstance(ref, ArenaRef):
             arena = self._arena_view(ref)
             if ref.nbytes != handle.nbytes or ref.offset + ref.nbytes > arena.numel():
                 raise TransferError(f"cuda_ipc extent of {ref.nbytes} B does not match the handle")
-            return dst, copy_with_wsum64(arena[ref.offset : ref.offset + ref.nbytes], dst)
-        if not isinstance(ref, TensorRef):
-            raise TransferError(f"cuda_ipc payload of unknown kind {type(ref).__name__}")
+            return dst, _copy(arena[ref.offset : ref.offset + ref.nbytes], dst, fused)
         rebuild, args = ref.reduced
         src = rebuild(*args)  # a view on the source's memory, unmapped when dropped
         if tuple(src.shape) != tuple(handle.shape) or dtype_name(src.dtype) != handle.dtype:
             raise TransferError(f"cuda_ipc buffer {tuple(src.shape)} does not match the handle")
         with torch.cuda.device(self.device):
-            sums = copy_with_wsum64(src, dst)
+            sums = _copy(src, dst, fused)
             torch.cuda.current_stream(self.device).synchronize()  # before src is unmapped
         del src
         return dst, sums
@@ -273,8 +318,8 @@ class CudaIpcTransport(KVTransport):
     def _receive(
         self, handle: KVHandle, endpoint: str, payload: bytes, peer_id: str, transfer_id: int
     ) -> torch.Tensor:
-        dst, _ = self._copy_in(handle, payload)
-        torch.cuda.current_stream(self.device).synchronize()
+        dst, _ = self._copy_in(handle, payload, None)
+        torch.cuda.current_stream(self.device).synchronize()  # the copy is done before the ack
         return dst
 
     def receive_verified(
@@ -286,15 +331,21 @@ class CudaIpcTransport(KVTransport):
         peer_id: str = "",
         transfer_id: int = 0,
     ) -> torch.Tensor:
-        """One pass: copy and checksum together, then compare (one host sync). An injected corruption
-        is applied to the copy and caught by a full recompute, like any other transport's."""
+        """One pass: copy and checksum together, then compare: one launch, one host sync. An
+        injected corruption (or an algorithm with no fused copy) takes a plain copy and a full
+        recompute, like any other transport's."""
         self._before_receive()
+        fused = self._fused.get(handle.checksum_algo)
+        if self.faults.corrupt_next > 0:
+            fused = None
 
         def copy_and_check() -> tuple[torch.Tensor, bool]:
-            dst, sums = self._copy_in(handle, payload)
-            if self._maybe_corrupt(dst) or handle.checksum_algo != ALGO_WSUM:
+            if fused is None:
+                dst = self._receive(handle, endpoint, payload, peer_id, transfer_id)
+                self._maybe_corrupt(dst)
                 return dst, verify(handle, dst)
-            return dst, wsum_digest(sums, dst.numel(), tuple(dst.shape)) == handle.checksum
+            dst, sums = self._copy_in(handle, payload, fused[0])
+            return dst, fused[1](sums, dst.numel(), handle.shape) == handle.checksum
 
         dst, ok = self._guarded(handle, copy_and_check)
         if not ok:
@@ -306,3 +357,11 @@ class CudaIpcTransport(KVTransport):
             self._opened.clear()
         with self._arena_lock:
             self._arena, self._arena_failed = None, True
+
+
+def _copy(src: torch.Tensor, dst: torch.Tensor, fused: Callable | None) -> torch.Tensor | None:
+    """``src``'s bytes into ``dst``: through ``fused`` (returning its sums) or a plain copy."""
+    if fused is not None:
+        return fused(src, dst)
+    dst.reshape(-1).view(torch.uint8).copy_(src.reshape(-1).view(torch.uint8))
+    return None

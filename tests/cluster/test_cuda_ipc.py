@@ -7,15 +7,30 @@ from __future__ import annotations
 import random
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 import torch
 from baton.cluster.transfer import TransferError, make_transport
 from baton.cluster.transfer.base import ChecksumMismatch
-from baton.cluster.transfer.cuda_ipc import ArenaRef, ExportArena, ExtentAllocator
+from baton.cluster.transfer.cuda_ipc import (
+    ArenaRef,
+    ExportArena,
+    ExtentAllocator,
+    TensorRef,
+    decode_payload,
+)
 from baton.workers.config import CacheConfig, EngineConfig
 from baton.workers.engine import EngineCore
-from baton.workers.kv_handle import KV_LAYOUT, KVHandle, default_algo, dtype_name, kv_checksum
+from baton.workers.kv_handle import (
+    ALGO_WSUM,
+    ALGO_WSUM32,
+    KV_LAYOUT,
+    KVHandle,
+    default_algo,
+    dtype_name,
+    kv_checksum,
+)
 from baton.workers.roles import EngineLoop, PrefillRole
 from baton.workers.sampling_params import SamplingParams
 
@@ -184,27 +199,69 @@ def _held(rid: str) -> tuple[KVHandle, torch.Tensor]:
     return h, buf
 
 
+def _concurrently(send, receive):
+    """Run the source's ``send`` beside the sink's ``receive`` (a pair transfer); receive's result."""
+    errs: list[BaseException] = []
+
+    def run_send():
+        try:
+            send()
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errs.append(e)
+
+    t = threading.Thread(target=run_send)
+    t.start()
+    try:
+        return receive()
+    finally:
+        t.join(30)
+        assert not t.is_alive()
+        if errs:
+            raise errs[0]
+
+
 def test_receive_verified_default_catches_injected_corruption():
-    pytest.importorskip("grpc")  # the GPU box runs this file without the cluster's extras
-    src = make_transport("grpc", worker_id="p0", timeout_s=5.0)
-    dst = make_transport("grpc", worker_id="d0", timeout_s=5.0)
+    # gloo needs no generated gRPC stubs (the GPU box has no grpc_tools)
+    src = make_transport("gloo", worker_id="p0", timeout_s=5.0)
+    dst = make_transport("gloo", worker_id="d0", timeout_s=5.0)
     table = dict([("a", _held("a"))])
     endpoint = src.serve(table.get)
     try:
+        _concurrently(
+            lambda: src.open_pair("d0", "", 0, 1), lambda: dst.open_pair("p0", endpoint, 1, 1)
+        )
         h, buf = table["a"]
-        assert torch.equal(dst.receive_verified(h, endpoint=endpoint), buf)
+
+        def transfer(i: int) -> torch.Tensor:
+            return _concurrently(
+                lambda: src.send("a", "d0", i),
+                lambda: dst.receive_verified(h, peer_id="p0", transfer_id=i),
+            )
+
+        assert torch.equal(transfer(0), buf)
         dst.faults.corrupt_next = 1
         with pytest.raises(ChecksumMismatch, match="checksum"):
-            dst.receive_verified(h, endpoint=endpoint)
-        assert torch.equal(dst.receive_verified(h, endpoint=endpoint), buf)  # one-shot fault
+            transfer(1)
+        assert torch.equal(transfer(2), buf)  # one-shot fault
     finally:
         src.close()
         dst.close()
 
 
+def test_payloads_round_trip_and_unknown_ones_are_refused():
+    ref = ArenaRef("ab" * 16, 256 * 7, 3 << 20, b"opener-bytes")
+    assert decode_payload(ref.encode()) == ref
+    tref = TensorRef((len, ("xyz",)))
+    assert decode_payload(tref.encode()) == tref
+    for bad in (b"", b"KVA1short", b"nope" + ref.encode()[4:]):
+        with pytest.raises(TransferError, match="unknown kind"):
+            decode_payload(bad)
+
+
 # -- two processes on one GPU ----------------------------------------------------------------------
 def _gpu_source(arena_mib: int, conn) -> None:
-    """Holds three exports (two in one arena when it is on) and sends (handle, payload, bytes)."""
+    """Holds three exports (two in one arena when it is on) and sends (handle, payload, bytes); the
+    second handle carries the older wsum64 checksum (still verified by its own fused copy)."""
     import traceback
 
     try:
@@ -225,8 +282,8 @@ def _gpu_source(arena_mib: int, conn) -> None:
                 tuple(buf.shape),
                 dtype_name(buf.dtype),
                 KV_LAYOUT,
-                kv_checksum(buf),
-                default_algo(buf),
+                kv_checksum(buf, ALGO_WSUM if i == 1 else None),
+                ALGO_WSUM if i == 1 else default_algo(buf),
                 time.time() + 60,
                 n * 16,
             )
@@ -240,8 +297,6 @@ def _gpu_source(arena_mib: int, conn) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("arena_mib", [64, 0], ids=["arena", "per-buffer"])
 def test_two_processes_open_the_arena_once_and_catch_corruption(arena_mib):
-    import pickle
-
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -256,12 +311,16 @@ def test_two_processes_open_the_arena_once_and_catch_corruption(arena_mib):
             msg = here.recv()
             assert msg[0] != "error", msg[1]
             msgs.append(msg)
-        refs = [pickle.loads(p) for _, p, _ in msgs]
+        refs = [decode_payload(p) for _, p, _ in msgs]
+        assert [h.checksum_algo for h, _, _ in msgs] == [ALGO_WSUM32, ALGO_WSUM, ALGO_WSUM32]
         assert all(isinstance(r, ArenaRef) for r in refs) == bool(arena_mib)
         for h, payload, want in msgs[:2]:
             got = sink.receive_verified(h, payload=payload)
             assert got.device.type == "cuda" and torch.equal(got.cpu(), want)
         assert sink.arenas_opened == (1 if arena_mib else 0)
+        for h, payload, _ in msgs[:2]:  # the fused sums are compared, not trusted
+            with pytest.raises(ChecksumMismatch):
+                sink.receive_verified(replace(h, checksum="0" * 32), payload=payload)
         h, payload, want = msgs[2]
         sink.faults.corrupt_next = 1
         with pytest.raises(TransferError, match="checksum"):
