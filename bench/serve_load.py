@@ -166,6 +166,10 @@ def summarize(
         "slo": asdict(slo),
         "ttft_s": _stats([r.ttft_s for r in ok if r.ttft_s is not None]),
         "itl_s": _stats([g for r in ok for g in r.itl_s]),
+        # the gap after the first token: in disaggregated serving the KV handover (transfer + the
+        # decode worker placing the sequence + its first step) lands here, since the first token
+        # is streamed from the prefill worker
+        "first_itl_s": _stats([r.itl_s[0] for r in ok if r.itl_s]),
         "tpot_s": _stats(tpot),
         "e2e_s": _stats([r.e2e_s for r in ok if r.e2e_s is not None]),
         "prompt_tokens_mean": sum(r.prompt_tokens for r in ok) / len(ok) if ok else 0.0,
