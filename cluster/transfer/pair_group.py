@@ -6,11 +6,20 @@ fresh generation instead of being repaired. The process groups are built directl
 ``ProcessGroupNCCL``), never as the process's default group, so one process can hold many pairs. Rank 0 is the
 source, rank 1 the sink. A transfer is one ``send``/``recv`` of the whole contiguous export with a per-transfer
 tag; callers serialize transfers per pair.
+
+Waiting: NCCL's ``work.wait(timeout)`` polls completion with a 1 ms sleep, which was most of a transfer's
+fixed cost (about 1.35 ms per transfer on H200s, against 0.06 ms for the bare send/recv of 4 MiB). So the NCCL
+path polls ``is_completed`` itself (a CUDA event query, non-blocking): yielding for the first
+``_SPIN_S``, then sleeping with a back-off capped at ``_POLL_MAX_S``, until ``timeout_s`` has passed; a
+final ``wait()`` then orders the caller's stream after the transfer and surfaces NCCL errors. No extra
+stream sync: the event the poll saw complete already covers the transfer. Gloo's ``wait(timeout)`` blocks on a
+condition variable and is kept.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from datetime import timedelta
 
 import torch
@@ -25,6 +34,8 @@ from baton.cluster.transfer.base import (
 from baton.workers.kv_handle import KVHandle
 
 SOURCE_RANK, SINK_RANK = 0, 1
+_SPIN_S = 2e-3  # yield-polling this long first: NCCL p2p of a few hundred MiB is done by then
+_POLL_MIN_S, _POLL_MAX_S = 5e-5, 1e-3
 
 
 class PairGroupTransport(KVTransport):
@@ -94,16 +105,33 @@ class PairGroupTransport(KVTransport):
             return buffer.cpu()
         return buffer if buffer.device.type == "cuda" else buffer.to(self.device)
 
+    def _await(self, work, what: str) -> None:
+        """Block until ``work`` is done or ``timeout_s`` has passed (``TransferError``)."""
+        if self.backend == "gloo":
+            if not work.wait(timedelta(seconds=self.timeout_s)):
+                raise TransferError(f"{what} timed out")
+            return
+        start = time.monotonic()
+        deadline, spin_until = start + self.timeout_s, start + _SPIN_S
+        delay = _POLL_MIN_S
+        while not work.is_completed():
+            now = time.monotonic()
+            if now > deadline:
+                raise TransferError(f"{what} timed out")
+            if now < spin_until:
+                time.sleep(0)  # yields the GIL
+            else:
+                time.sleep(delay)
+                delay = min(delay * 2, _POLL_MAX_S)
+        work.wait()  # done: orders the current stream after it, raises NCCL's error if any
+
     def send(self, request_id: str, peer_id: str, transfer_id: int) -> int:
         """Source side of one transfer: blocks until the sink received it (or the timeout)."""
         handle, buffer = self._held(request_id)
         pg = self._group(peer_id)
         data = self._staged(buffer).contiguous()
         work = pg.send([data], SINK_RANK, transfer_id % (1 << 31))
-        if not work.wait(timedelta(seconds=self.timeout_s)):
-            raise TransferError(f"send of {request_id!r} to {peer_id!r} timed out")
-        if self.backend == "nccl":
-            torch.cuda.current_stream(data.device).synchronize()
+        self._await(work, f"send of {request_id!r} to {peer_id!r}")
         nbytes = data.numel() * data.element_size()
         self._on_sent(nbytes)
         return nbytes
@@ -115,10 +143,7 @@ class PairGroupTransport(KVTransport):
         dev = torch.device("cpu") if self.backend == "gloo" else self.device
         buf = empty_like_handle(handle, dev)
         work = pg.recv([buf], SOURCE_RANK, transfer_id % (1 << 31))
-        if not work.wait(timedelta(seconds=self.timeout_s)):
-            raise TransferError(f"receive of {handle.request_id!r} timed out")
-        if self.backend == "nccl":
-            torch.cuda.current_stream(buf.device).synchronize()
+        self._await(work, f"receive of {handle.request_id!r}")
         return buf if buf.device == self.device else buf.to(self.device)
 
     def close(self) -> None:

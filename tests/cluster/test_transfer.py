@@ -127,3 +127,41 @@ def test_auto_choice_by_locality():
         choose_transport("nccl", device_type="cpu", same_node=True)
     with pytest.raises(ValueError, match="unknown"):
         choose_transport("rdma", device_type="cpu", same_node=True)
+
+
+class _Work:
+    """A pending NCCL op (the edge of the world here): completes at ``done_at`` (monotonic)."""
+
+    def __init__(self, done_at: float) -> None:
+        self.done_at = done_at
+        self.polls = 0
+        self.waited = False
+
+    def is_completed(self) -> bool:
+        self.polls += 1
+        return time.monotonic() >= self.done_at
+
+    def wait(self, timeout=None) -> bool:
+        assert timeout is None and self.is_completed(), "wait() only after completion, no timeout"
+        self.waited = True
+        return True
+
+
+def test_nccl_wait_polls_without_a_millisecond_floor_and_times_out():
+    t = make_transport("gloo", worker_id="d0", timeout_s=0.3)
+    t.backend = "nccl"  # the NCCL wait path, on this instance only
+    lat = []
+    for _ in range(20):
+        w = _Work(time.monotonic() + 2e-4)
+        t._await(w, "receive")
+        lat.append(time.monotonic() - w.done_at)
+        assert w.waited and w.polls > 1
+    assert sorted(lat)[10] < 5e-4  # NCCL's own wait(timeout) sleeps 1 ms between polls
+    w = _Work(time.monotonic() + 0.05)  # past the spin: sleeps with a back-off, still prompt
+    t._await(w, "receive")
+    assert time.monotonic() - w.done_at < 0.01
+    w = _Work(time.monotonic() + 60)
+    t0 = time.monotonic()
+    with pytest.raises(TransferError, match="timed out"):
+        t._await(w, "receive")
+    assert 0.3 <= time.monotonic() - t0 < 2 and not w.waited
