@@ -1,12 +1,29 @@
-"""The Triton wsum64 checksum (alone and fused into a copy) vs kv_handle's torch reference: bit-identical
-on random words (negatives included), sizes off the 4096-word rows, odd byte counts and every KV dtype."""
+"""The Triton checksums (wsum32x2, the default, and wsum64, kept for older handles; alone and fused into
+a copy) vs kv_handle's torch references: bit-identical on random words (negatives included), sizes off
+the blocks/rows, odd byte counts and every KV dtype; wsum32x2 also against a plain-Python definition."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from baton.kernels.checksum import copy_with_wsum64, wsum64
-from baton.workers.kv_handle import ALGO_WSUM, kv_checksum, wsum64_reference, wsum_digest
+from baton.kernels.checksum import (
+    W32_BLOCK,
+    copy_with_wsum32x2,
+    copy_with_wsum64,
+    wsum32x2,
+    wsum64,
+)
+from baton.workers.kv_handle import (
+    ALGO_WSUM,
+    ALGO_WSUM32,
+    default_algo,
+    kv_checksum,
+    wsum32_digest,
+    wsum32_fold,
+    wsum32x2_reference,
+    wsum64_reference,
+    wsum_digest,
+)
 from kv_cases import FP8, kernel_device
 
 pytestmark = pytest.mark.timeout(120)
@@ -87,3 +104,96 @@ def test_misaligned_and_mismatched_views():
         copy_with_wsum64(base, torch.empty(base.numel() - 1, dtype=torch.uint8, device=dev))
     with pytest.raises(ValueError):
         copy_with_wsum64(base, torch.empty(2 * base.numel(), dtype=torch.uint8, device=dev)[::2])
+
+
+# -- wsum32x2 ---------------------------------------------------------------------------------------
+# Byte counts: tiny, odd, one word short of / past a block, several blocks plus ragged tails.
+W32_NBYTES = [0, 1, 3, 4, 7, 4 * (W32_BLOCK - 1), 4 * W32_BLOCK + 2, 4 * W32_BLOCK * 5 + 4]
+W32_NBYTES += [4 * W32_BLOCK * 9 + 13, 4 * W32_BLOCK * 6]
+
+
+def _python_wsum32(raw: torch.Tensor) -> tuple[int, int]:
+    """The definition, word by word in Python integers: (sum (2i+1) x_i, sum x_i) mod 2**32."""
+    data = bytes(raw.tolist()) + b"\0" * (-raw.numel() % 4)
+    words = [int.from_bytes(data[i : i + 4], "little", signed=True) for i in range(0, len(data), 4)]
+    return (
+        sum((2 * i + 1) * x for i, x in enumerate(words)) % 2**32,
+        sum(words) % 2**32,
+    )
+
+
+@pytest.mark.parametrize("nbytes", W32_NBYTES)
+def test_wsum32x2_and_fused_copy_match_reference_and_definition(nbytes):
+    dev = kernel_device()
+    src = _random_bytes(nbytes, nbytes + 1).to(dev)
+    want = _python_wsum32(src.cpu())
+    assert tuple(wsum32x2_reference(src.cpu()).tolist()) == want
+    parts = wsum32x2(src)
+    assert parts.dtype == torch.int32 and parts.shape[0] == 2 and parts.device == src.device
+    assert wsum32_fold(parts) == want
+    dst = torch.full_like(src, 0xAB)
+    assert wsum32_fold(copy_with_wsum32x2(src, dst)) == want
+    assert torch.equal(dst, src)  # every byte copied, the ragged tail included
+
+
+def test_wsum32x2_negative_and_extreme_words_wrap_like_the_reference():
+    dev = kernel_device()
+    gen = torch.Generator().manual_seed(3)
+    words = torch.randint(
+        -(2**31), 2**31 - 1, (W32_BLOCK * 7 + 5,), dtype=torch.int32, generator=gen
+    )
+    words[W32_BLOCK * 4 :] = -(2**31)  # the most negative word at large weights
+    words[:100] = 2**31 - 1
+    want = wsum32x2_reference(words)
+    assert wsum32_fold(wsum32x2(words.to(dev))) == tuple(want.tolist())
+    assert tuple(want.tolist()) == _python_wsum32(words.view(torch.uint8))
+    assert min(words.tolist()) < 0 and all(0 <= v < 2**32 for v in want.tolist())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, FP8, torch.uint8, torch.float32])
+def test_wsum32x2_kv_shaped_views_of_every_dtype(dtype):
+    dev = kernel_device()
+    shape = (2, 2, 3, 16, 3, 33) if dtype.itemsize == 1 else (2, 2, 3, 16, 2, 32)
+    raw = _random_bytes(torch.Size(shape).numel() * dtype.itemsize, 9)
+    buf = raw.view(dtype).view(shape).to(dev)
+    want = wsum32x2_reference(buf.cpu())
+    assert wsum32_fold(wsum32x2(buf)) == tuple(want.tolist())
+    dst = torch.empty_like(buf)
+    parts = copy_with_wsum32x2(buf, dst)
+    assert torch.equal(dst.view(torch.uint8), buf.view(torch.uint8))
+    digest = wsum32_digest(parts, buf.numel(), shape)
+    assert digest == wsum32_digest(want, buf.numel(), shape)
+    assert digest == kv_checksum(buf.cpu(), ALGO_WSUM32) == kv_checksum(buf, ALGO_WSUM32)
+    assert digest != kv_checksum(buf.cpu(), ALGO_WSUM)  # the algorithms never share a digest
+
+
+def test_every_single_word_corruption_changes_both_sums():
+    dev = kernel_device()
+    src = _random_bytes(4 * W32_BLOCK * 2 + 8, 13).to(dev)
+    good = wsum32_fold(copy_with_wsum32x2(src, torch.empty_like(src)))
+    gen = torch.Generator().manual_seed(5)
+    for pos in (0, 5, 4 * W32_BLOCK + 1, src.numel() - 1):
+        for delta in (1, 0x80, int(torch.randint(1, 256, (1,), generator=gen))):
+            bad = src.clone()
+            bad[pos] ^= delta
+            w, p = wsum32_fold(copy_with_wsum32x2(bad, torch.empty_like(bad)))
+            assert w != good[0] and p != good[1]
+    swapped = src.clone()  # two words exchanged: the plain sum cannot see it, the weighted one does
+    swapped[0:4], swapped[8:12] = src[8:12].clone(), src[0:4].clone()
+    if not torch.equal(swapped, src):
+        assert wsum32_fold(wsum32x2(swapped))[0] != good[0]
+
+
+def test_wsum32x2_misaligned_views_and_default_algo():
+    dev = kernel_device()
+    base = _random_bytes(4 * W32_BLOCK + 9, 6).to(dev)
+    view = base[1:]  # off the 4-byte grid: checksummed from an aligned copy
+    want = tuple(wsum32x2_reference(view.cpu()).tolist())
+    assert wsum32_fold(wsum32x2(view)) == want
+    dst = torch.empty(view.numel() + 3, dtype=torch.uint8, device=dev)[3:]
+    assert wsum32_fold(copy_with_wsum32x2(view, dst)) == want and torch.equal(dst, view)
+    with pytest.raises(ValueError):
+        copy_with_wsum32x2(base, torch.empty(base.numel() - 1, dtype=torch.uint8, device=dev))
+    assert default_algo(base.cpu()) == "blake2b"  # CPU buffers hash their bytes
+    if base.is_cuda:
+        assert default_algo(base) == ALGO_WSUM32
