@@ -7,10 +7,14 @@ cluster): the source holds a KV-shaped buffer and serves it through the transpor
 does (cuda_ipc: inside its export arena, ``--ipc-arena-mib``, 0 = one IPC handle per export); the sink calls
 ``receive_verified``, as a decode worker does. The smallest handle is one block (16 tokens = 2 MiB). Times are
 wall-clock per transfer (p50 over ``--iters``, the first left out: it opens the source's arena), including the
-checksum on receipt. Limits: a plain device copy and, on CUDA, the fused copy+checksum kernel and NCCL.
+checksum on receipt. Limits: a plain device copy and, on CUDA, the fused copy+checksum kernels (wsum32x2,
+the default, and wsum64), the checksum alone (what the nccl sink adds) and NCCL. For cuda_ipc each row also
+splits the sink's verified receive into its CPU-side steps (``steps_us``: parse, allocate, launch, sync +
+digest; medians of separate runs after the timed ones).
 
     python -m bench.kv_transfer --device cuda --out bench/results/kv_transfer.json
     python -m bench.kv_transfer --device cuda --transports cuda_ipc --sizes-mib 4 16 64 256 --iters 20
+    python -m bench.kv_transfer --device cuda --sink-device cuda:1 --transports nccl --sizes-mib 4 16 64
     python -m bench.kv_transfer --device cpu --transports gloo grpc --sizes-mib 1 4   # smoke run
 """
 
@@ -68,6 +72,8 @@ def _source(name: str, device: str, sizes: list[int], iters: int, arena_mib: int
     from baton.cluster.transfer import make_transport
 
     try:
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)  # as a worker's own GPU is current
         t = make_transport(
             name, worker_id="src", device=device, timeout_s=60, export_arena_bytes=arena_mib << 20
         )
@@ -101,6 +107,8 @@ def _sink(name: str, device: str, iters: int, conn, out) -> None:
     from baton.cluster.transfer import make_transport
 
     try:
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
         t = make_transport(name, worker_id="dst", device=device, timeout_s=60)
         _, endpoint = conn.recv()
         if t.caps.needs_pair_group:
@@ -125,22 +133,59 @@ def _sink(name: str, device: str, iters: int, conn, out) -> None:
                 conn.send("done")
             p50 = statistics.median(times[1:] if len(times) > 1 else times)
             row = {"bytes": h.nbytes, "p50_s": p50, "gbps": h.nbytes / p50 / 1e9}
+            row["checksum_algo"] = h.checksum_algo
             if hasattr(t, "arenas_opened"):
                 row["arenas_opened"] = t.arenas_opened
+            if name == "cuda_ipc":
+                row["steps_us"] = _ipc_steps(t, h, payload, iters)
             rows.append(row)
+            conn.send("done")  # the steps are measured: the source may free the buffer
         out.put({"rows": rows})
     except Exception:  # noqa: BLE001
         out.put({"error": traceback.format_exc()})
 
 
+def _ipc_steps(t, h: KVHandle, payload: bytes, iters: int) -> dict:
+    """The cuda_ipc sink's verified receive, step by step (what ``receive_verified`` does for an
+    arena export), medians in microseconds: where its fixed cost goes."""
+    from baton.cluster.transfer.cuda_ipc import ArenaRef, decode_payload
+    from baton.workers.kv_handle import torch_dtype
+
+    copy_fn, digest_fn = t._fused[h.checksum_algo]
+    steps: dict[str, list[float]] = {k: [] for k in ("parse", "alloc", "launch", "sync_digest")}
+    for _ in range(max(iters, 3)):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        ref = decode_payload(payload)
+        if not isinstance(ref, ArenaRef):
+            return {}
+        src = t._arena_view(ref)[ref.offset : ref.offset + ref.nbytes]
+        t1 = time.perf_counter()
+        dst = torch.empty(h.shape, dtype=torch_dtype(h.dtype), device=t.device)
+        t2 = time.perf_counter()
+        sums = copy_fn(src, dst)
+        t3 = time.perf_counter()
+        ok = digest_fn(sums, dst.numel(), h.shape) == h.checksum
+        t4 = time.perf_counter()
+        assert ok, "checksum mismatch in the step-by-step run"
+        for k, v in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            steps[k].append(v)
+    return {k: round(statistics.median(v) * 1e6, 1) for k, v in steps.items()}
+
+
 def bench_transport(
-    name: str, device: str, sizes: list[int], iters: int, arena_mib: int = 1024
+    name: str,
+    device: str,
+    sizes: list[int],
+    iters: int,
+    arena_mib: int = 1024,
+    sink_device: str | None = None,
 ) -> dict:
     ctx = mp.get_context("spawn")
     a, b = ctx.Pipe()
     out = ctx.Queue()
     src = ctx.Process(target=_source, args=(name, device, sizes, iters, arena_mib, a))
-    dst = ctx.Process(target=_sink, args=(name, device, iters, b, out))
+    dst = ctx.Process(target=_sink, args=(name, sink_device or device, iters, b, out))
     src.start()
     dst.start()
     try:
@@ -171,10 +216,13 @@ def bench_copy(device: str, sizes: list[int], iters: int) -> list[dict]:
     return rows
 
 
-def bench_copy_wsum64(device: str, sizes: list[int], iters: int) -> list[dict]:
-    """The cuda_ipc sink's kernel alone: copy + checksum in one pass, same process."""
-    from baton.kernels.checksum import copy_with_wsum64
+def bench_kernel(device: str, sizes: list[int], iters: int, kernel: str) -> list[dict]:
+    """A checksum kernel alone, same process: ``copy_with_*`` (the cuda_ipc sink's pass: copy and
+    checksum at once) or the checksum alone (what the nccl sink adds after its receive); the
+    partials' trip to the host (the digest's sync) included, as the sink pays it."""
+    from baton.kernels import checksum
 
+    fn = getattr(checksum, kernel)
     rows = []
     for mib in sizes:
         src = make_buffer(mib, device)
@@ -183,8 +231,8 @@ def bench_copy_wsum64(device: str, sizes: list[int], iters: int) -> list[dict]:
         for _ in range(iters):
             sync(device)
             t0 = time.perf_counter()
-            copy_with_wsum64(src, dst)
-            sync(device)
+            sums = fn(src, dst) if kernel.startswith("copy_") else fn(src)
+            sums.cpu()
             times.append(time.perf_counter() - t0)
         p50 = statistics.median(times[1:])
         nbytes = src.numel() * src.element_size()
@@ -299,7 +347,10 @@ def bench_handover(device: str, iters: int, model: str | None) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--transports", nargs="+", default=None)
+    ap.add_argument("--transports", nargs="+", default=None, help="'none': limits/handover only")
+    ap.add_argument(
+        "--sink-device", default=None, help="the decode side's device (default: --device)"
+    )
     ap.add_argument("--sizes-mib", nargs="+", type=int, default=[1, 4, 16, 64])
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--model", default=None, help="model for the handover run (default model)")
@@ -312,6 +363,7 @@ def main() -> None:
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
     names = args.transports or (["cuda_ipc", "nccl", "gloo", "grpc"] if cuda else ["gloo", "grpc"])
+    names = [n for n in names if n != "none"]
     result: dict = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "kv_geometry": {
@@ -321,6 +373,7 @@ def main() -> None:
             "block_size": BS,
             "dtype": "bfloat16",
         },
+        "sink_device": args.sink_device or args.device,
         "sizes_mib": args.sizes_mib,
         "iters": args.iters,
         "transports": {},
@@ -328,7 +381,8 @@ def main() -> None:
     result["limits"] = {"copy": bench_copy(args.device, args.sizes_mib, args.iters)}
     result["ipc_arena_mib"] = args.ipc_arena_mib
     if cuda:
-        result["limits"]["copy_wsum64"] = bench_copy_wsum64(args.device, args.sizes_mib, args.iters)
+        for kernel in ("copy_with_wsum32x2", "copy_with_wsum64", "wsum32x2"):
+            result["limits"][kernel] = bench_kernel(args.device, args.sizes_mib, args.iters, kernel)
     if cuda and not args.no_nccl_limit:
         result["limits"]["nccl_send_recv"] = bench_nccl_limit(args.sizes_mib, args.iters)
     out = Path(args.out)
@@ -336,7 +390,7 @@ def main() -> None:
     for name in names:  # written after every step, so a run cut short still leaves what it measured
         print(f"== {name}", flush=True)
         result["transports"][name] = bench_transport(
-            name, args.device, args.sizes_mib, args.iters, args.ipc_arena_mib
+            name, args.device, args.sizes_mib, args.iters, args.ipc_arena_mib, args.sink_device
         )
         print(json.dumps(result["transports"][name])[:600], flush=True)
         out.write_text(json.dumps(result, indent=2))
