@@ -165,3 +165,57 @@ def test_nccl_wait_polls_without_a_millisecond_floor_and_times_out():
     with pytest.raises(TransferError, match="timed out"):
         t._await(w, "receive")
     assert 0.3 <= time.monotonic() - t0 < 2 and not w.waited
+
+
+def _nccl_source(conn) -> None:
+    """Serves one export from cuda:0 over an NCCL pair and sends it three times."""
+    import traceback
+
+    try:
+        torch.cuda.set_device(0)
+        t = make_transport("nccl", worker_id="p0", device="cuda:0", timeout_s=60)
+        buf = torch.randn(2, 2, 3, 16, 2, 64, device="cuda:0").to(torch.bfloat16)
+        h = KVHandle(
+            "p0", "a", (1, 2, 3), tuple(buf.shape), dtype_name(buf.dtype), KV_LAYOUT,
+            kv_checksum(buf), default_algo(buf), time.time() + 60, 48,
+        )  # fmt: skip
+        endpoint = t.serve({"a": (h, buf)}.get)
+        conn.send((endpoint, h, buf.cpu()))
+        t.open_pair("d0", "", 0, 1)
+        for i in range(3):
+            t.send("a", "d0", i)
+        conn.recv()
+    except Exception:  # noqa: BLE001 - reported to the test
+        conn.send(("error", traceback.format_exc()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"
+)
+def test_nccl_pair_moves_verified_bytes_and_catches_corruption():
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    proc = ctx.Process(target=_nccl_source, args=(there,))
+    proc.start()
+    try:
+        assert here.poll(90), "source sent nothing"
+        msg = here.recv()
+        assert msg[0] != "error", msg[1]
+        endpoint, h, want = msg
+        sink = make_transport("nccl", worker_id="d0", device="cuda:1", timeout_s=60)
+        sink.open_pair("p0", endpoint, 1, 1)
+        got = sink.receive_verified(h, peer_id="p0", transfer_id=0)
+        assert got.device == torch.device("cuda:1") and torch.equal(got.cpu(), want)
+        sink.faults.corrupt_next = 1
+        with pytest.raises(TransferError, match="checksum"):
+            sink.receive_verified(h, peer_id="p0", transfer_id=1)
+        assert torch.equal(sink.receive_verified(h, peer_id="p0", transfer_id=2).cpu(), want)
+        here.send("done")
+        sink.close()
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
