@@ -73,7 +73,7 @@ def _source(name: str, device: str, sizes: list[int], iters: int, arena_mib: int
 
     try:
         if device.startswith("cuda"):
-            torch.cuda.set_device(device)  # as a worker's own GPU is current
+            torch.cuda.set_device(torch.device(device).index or 0)  # as a worker's own GPU is current
         t = make_transport(
             name, worker_id="src", device=device, timeout_s=60, export_arena_bytes=arena_mib << 20
         )
@@ -103,12 +103,17 @@ def _source(name: str, device: str, sizes: list[int], iters: int, arena_mib: int
         conn.send(("error", traceback.format_exc()))
 
 
-def _sink(name: str, device: str, iters: int, conn, out) -> None:
+def _sink(name: str, device: str, iters: int, conn, out, w32: str | None = None) -> None:
     from baton.cluster.transfer import make_transport
 
     try:
+        if w32:  # "BLOCK/PROGRAMS_PER_SM": the fused kernel's knobs (bench/checksum_kernel.py)
+            from baton.kernels import checksum
+
+            block, pps = (int(x) for x in w32.split("/"))
+            checksum.W32_BLOCK, checksum._W32_PROGRAMS_PER_SM = block, pps
         if device.startswith("cuda"):
-            torch.cuda.set_device(device)
+            torch.cuda.set_device(torch.device(device).index or 0)
         t = make_transport(name, worker_id="dst", device=device, timeout_s=60)
         _, endpoint = conn.recv()
         if t.caps.needs_pair_group:
@@ -180,12 +185,13 @@ def bench_transport(
     iters: int,
     arena_mib: int = 1024,
     sink_device: str | None = None,
+    w32: str | None = None,
 ) -> dict:
     ctx = mp.get_context("spawn")
     a, b = ctx.Pipe()
     out = ctx.Queue()
     src = ctx.Process(target=_source, args=(name, device, sizes, iters, arena_mib, a))
-    dst = ctx.Process(target=_sink, args=(name, sink_device or device, iters, b, out))
+    dst = ctx.Process(target=_sink, args=(name, sink_device or device, iters, b, out, w32))
     src.start()
     dst.start()
     try:
@@ -357,6 +363,7 @@ def main() -> None:
     ap.add_argument(
         "--ipc-arena-mib", type=int, default=1024, help="cuda_ipc export arena; 0 = off"
     )
+    ap.add_argument("--w32", default=None, help="sink's fused kernel knobs BLOCK/PROGRAMS_PER_SM")
     ap.add_argument("--no-nccl-limit", action="store_true", help="skip the NCCL send/recv limit")
     ap.add_argument("--no-handover", action="store_true", help="skip the handover run")
     ap.add_argument("--out", default="bench/results/kv_transfer.json")
@@ -374,6 +381,7 @@ def main() -> None:
             "dtype": "bfloat16",
         },
         "sink_device": args.sink_device or args.device,
+        "w32": args.w32,
         "sizes_mib": args.sizes_mib,
         "iters": args.iters,
         "transports": {},
@@ -390,7 +398,13 @@ def main() -> None:
     for name in names:  # written after every step, so a run cut short still leaves what it measured
         print(f"== {name}", flush=True)
         result["transports"][name] = bench_transport(
-            name, args.device, args.sizes_mib, args.iters, args.ipc_arena_mib, args.sink_device
+            name,
+            args.device,
+            args.sizes_mib,
+            args.iters,
+            args.ipc_arena_mib,
+            args.sink_device,
+            args.w32,
         )
         print(json.dumps(result["transports"][name])[:600], flush=True)
         out.write_text(json.dumps(result, indent=2))

@@ -1,0 +1,109 @@
+"""The fused copy + ``wsum32x2`` checksum kernel (the cuda_ipc sink's one pass) against a plain
+device-to-device copy of the same bytes, over its two launch knobs: words per block (``W32_BLOCK``)
+and programs per SM. Two times per config, both medians:
+
+- ``gpu_us``: CUDA events around ``--reps`` back-to-back launches, divided by ``--reps`` (what the
+  GPU spends: is the kernel memory bound?);
+- ``wall_us``: one call as the sink makes it (launch, partials to the host, fold), synchronised
+  (what a transfer pays).
+
+    python bench/checksum_kernel.py --sizes-mib 64 256 --out bench/results/checksum_kernel.json
+
+Writes JSON (device, versions, command, rows, ``best``: the config with the lowest wall time at
+the largest size, as ``BLOCK/PROGRAMS_PER_SM``). GPU only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_timing import environment  # noqa: E402
+
+
+def _gpu_us(fn, reps: int) -> float:
+    samples = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / reps)
+    return statistics.median(samples)
+
+
+def _wall_us(fn, reps: int) -> float:
+    samples = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    from baton.kernels import checksum
+    from baton.workers.kv_handle import wsum32_fold
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes-mib", nargs="+", type=int, default=[64, 256])
+    ap.add_argument("--blocks", nargs="+", type=int, default=[1024, 2048, 4096])
+    ap.add_argument("--programs-per-sm", nargs="+", type=int, default=[2, 4, 8, 16, 32])
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/checksum_kernel.json"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/checksum_kernel.py needs a CUDA GPU")
+    env = environment(" ".join(["python"] + sys.argv))
+    rows: list[dict] = []
+    best: dict[str, float | str] = {}
+    for mib in args.sizes_mib:
+        src = torch.randint(-(2**31), 2**31 - 1, (mib << 18,), dtype=torch.int32, device="cuda")
+        dst = torch.empty_like(src)
+        want = wsum32_fold(checksum.wsum32x2(src))
+        copy = {
+            "gpu_us": _gpu_us(lambda: dst.copy_(src), args.reps),
+            "wall_us": _wall_us(lambda: dst.copy_(src), args.reps),
+        }
+        rows.append({"kernel": "copy", "mib": mib, **copy})
+        print(f"copy {mib} MiB: gpu {copy['gpu_us']:.1f} us, wall {copy['wall_us']:.1f} us")
+        for block in args.blocks:
+            for pps in args.programs_per_sm:
+                checksum.W32_BLOCK, checksum._W32_PROGRAMS_PER_SM = block, pps
+
+                def call() -> tuple[int, int]:
+                    return wsum32_fold(checksum.copy_with_wsum32x2(src, dst))
+
+                if call() != want:  # the knobs must not change the result
+                    raise AssertionError(f"block {block}, {pps}/SM: wrong checksum")
+                gpu = _gpu_us(lambda: checksum.copy_with_wsum32x2(src, dst), args.reps)
+                wall = _wall_us(call, args.reps)
+                row = dict(kernel="copy_with_wsum32x2", mib=mib, block=block,
+                           programs_per_sm=pps, gpu_us=gpu, wall_us=wall,
+                           gpu_over_copy=copy["gpu_us"] / gpu,
+                           wall_over_copy=copy["wall_us"] / wall)  # fmt: skip
+                rows.append(row)
+                print(f"  block {block:5d} {pps:3d}/SM: gpu {gpu:7.1f} us "
+                      f"({row['gpu_over_copy']:.2f} of copy), wall {wall:7.1f} us "
+                      f"({row['wall_over_copy']:.2f})", flush=True)  # fmt: skip
+                if mib == max(args.sizes_mib) and wall < float(best.get("wall_us", 1e18)):
+                    best = {"config": f"{block}/{pps}", "wall_us": wall}
+        del src, dst
+        torch.cuda.empty_cache()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"environment": env, "rows": rows, "best": best}, indent=2))
+    print(f"best: {best}")
+
+
+if __name__ == "__main__":
+    main()
