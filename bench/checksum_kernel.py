@@ -98,8 +98,6 @@ def main() -> None:
                       f"({row['wall_over_copy']:.2f})", flush=True)  # fmt: skip
                 if mib == max(args.sizes_mib) and wall < float(best.get("wall_us", 1e18)):
                     best = {"config": f"{block}/{pps}", "wall_us": wall}
-        del src, dst
-        torch.cuda.empty_cache()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"environment": env, "rows": rows, "best": best}, indent=2))
     print(f"best: {best}")
