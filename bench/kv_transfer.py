@@ -95,6 +95,7 @@ def _source(name: str, device: str, sizes: list[int], iters: int, arena_mib: int
                 if t.caps.needs_pair_group:
                     t.send(h.request_id, "dst", i)
                 conn.recv()  # the sink's "done": keeps the buffer alive while it is opened
+            conn.recv()  # its last "done": the sink's extra runs (cuda_ipc steps) read it too
             del table[h.request_id]
             if slot is not None:
                 slot[1]()
