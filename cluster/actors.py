@@ -277,7 +277,7 @@ class _Worker:
             self._forget(req.request_id)
             raise
         if trace is not None:
-            trace.start_decode(bool(placed), bool(resume_tokens))
+            trace.start_decode(bool(placed), bool(resume_tokens), len(tokens) - len(emit))
             self._traces[req.request_id] = trace
         if req.request_id in self._streams:  # the idle clock starts once the caller can poll
             self._polled[req.request_id] = time.monotonic()

@@ -106,7 +106,10 @@ class DecodeTrace:
             span.add_event("recompute_prefill")
         span.end()
 
-    def start_decode(self, placed: bool, resumed: bool) -> None:
+    def start_decode(self, placed: bool, resumed: bool, prior_tokens: int = 0) -> None:
+        """``prior_tokens``: output tokens the client already has from elsewhere (the prefill's
+        first token, or those streamed before a resume): counted in the request's output tokens."""
+        self.tokens = prior_tokens
         self.decode = tracing.tracer().start_span(
             "decode",
             context=self.parent,
