@@ -18,6 +18,7 @@ condition variable and is kept.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from datetime import timedelta
@@ -63,6 +64,11 @@ class PairGroupTransport(KVTransport):
         timeout = timedelta(seconds=self.timeout_s)
         if self.backend == "gloo":
             return dist.ProcessGroupGloo(store, rank, 2, timeout)
+        # A pair op that times out must end in "recompute", not in a dead worker: PyTorch's
+        # default async error handling (3) tears the process down when the NCCL watchdog sees the
+        # timeout; 2 only aborts this communicator (the pair is dropped and re-opened anyway).
+        # Read when the group is made; a value the operator set is kept.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout
         return dist.ProcessGroupNCCL(store, rank, 2, opts)
