@@ -552,7 +552,11 @@ class EngineCore:
         det = self._detok.get(req.request_id)
         delta_text = ""
         if det is not None:
-            delta_text = det.flush() if finished else det.take_delta(finished=False)
+            # A prefill-only request "finishes" at its first token, but its text does not end
+            # there: keep streaming semantics (stop-string hold-back, incomplete UTF-8 held), so
+            # the first token's text the router streams is a prefix of what decode produces.
+            ends_text = finished and req.status is not RequestStatus.PREFILLED
+            delta_text = det.flush() if ends_text else det.take_delta(finished=False)
         text = det.text if det is not None else ""
         new_tokens = req.output_token_ids[-num_new:] if req.output_token_ids and num_new else []
         if finished and req.status is RequestStatus.FINISHED_ABORTED:

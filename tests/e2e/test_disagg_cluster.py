@@ -111,3 +111,32 @@ def test_disaggregated_greedy_matches_offline(cluster, offline, transport):
     for w in pools.workers.values():
         ray.get(w.actor.check_integrity.remote(), timeout=30)
     assert all(asyncio.run(client.health()).values())
+
+
+def test_stop_strings_across_the_prefill_first_token(cluster, offline, tiny_model_dir):
+    """The first token is streamed from the prefill worker, the rest by the decode worker: a stop
+    string that starts inside the first token's text (so the prefill holds it back) or later must
+    give the offline engine's text, tokens and finish reason exactly."""
+    prompt = prompts()[3]  # 24 tokens: disaggregated
+    _, full = offline[3]
+    llm = LLM(str(tiny_model_dir), device="cpu", dtype="float32", num_kv_blocks=64)
+    first = llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0))[0]
+    head = first.outputs[0].text
+    stops = [full[: len(head) + 2], full[len(full) // 2 : len(full) // 2 + 3]]
+    client = cluster["gloo"].client()
+    for k, stop in enumerate(stops):
+        assert stop.strip(), f"degenerate stop {stop!r} from {full!r}"
+        params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, stop=[stop])
+        want = llm.generate([prompt], params)[0].outputs[0]
+
+        async def one() -> tuple[list[int], str, str | None]:
+            tokens, text, last = [], "", None
+            async for d in client.generate(GenerateRequest(f"stop-{k}", tuple(prompt), params)):
+                tokens += d.token_ids
+                text += d.text
+                last = d
+            return tokens, text, last.finish_reason if last else None
+
+        tokens, text, reason = asyncio.run(one())
+        assert (text, reason) == (want.text, want.finish_reason), stop
+        assert tokens == list(want.token_ids), stop
