@@ -85,8 +85,17 @@ def decode_run(model: str, spec: dict | None, prompts, max_tokens: int, device: 
         eng.add_request(f"r{i}", p, params)
     outs: dict[str, list[int]] = {}
     t_first = None
+    step_s: list[float] = []  # wall time of each engine step after the first token (host + GPU)
+    graphs = getattr(eng.runner, "graphs", None)
+    captured0 = len(graphs.graphs) if graphs is not None else 0
     while eng.has_unfinished_requests():
-        for o in eng.step():
+        t_step = time.perf_counter()
+        outputs = eng.step()
+        if t_first is not None:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            step_s.append(time.perf_counter() - t_step)
+        for o in outputs:
             if t_first is None and o.outputs[0].delta_token_ids:
                 if device == "cuda":
                     torch.cuda.synchronize()
@@ -108,6 +117,11 @@ def decode_run(model: str, spec: dict | None, prompts, max_tokens: int, device: 
         drafted=drafted,
         accepted=accepted,
         acceptance_rate=accepted / drafted if drafted else 0.0,
+        decode_steps=len(step_s),
+        step_ms_p50=1e3 * sorted(step_s)[len(step_s) // 2] if step_s else 0.0,
+        step_ms_max=1e3 * max(step_s, default=0.0),
+        # decode graphs captured during the timed pass (each capture stalls a step)
+        graphs_captured_timed=(len(graphs.graphs) - captured0) if graphs is not None else 0,
         verify_steps=s.spec_verify_steps - s0.spec_verify_steps,
         spec_active_at_end=s.spec_active,
     )
@@ -140,6 +154,11 @@ def main() -> None:
                 base_tokens_per_s=base["tokens_per_s"], spec_tokens_per_s=fast["tokens_per_s"],
                 speedup=fast["tokens_per_s"] / base["tokens_per_s"],
                 acceptance_rate=fast["acceptance_rate"], drafted=fast["drafted"],
+                steps=(base["decode_steps"], fast["decode_steps"]),
+                step_ms_p50=(base["step_ms_p50"], fast["step_ms_p50"]),
+                step_ms_max=(base["step_ms_max"], fast["step_ms_max"]),
+                graphs_captured_timed=(base["graphs_captured_timed"],
+                                       fast["graphs_captured_timed"]),
                 accepted=fast["accepted"], verify_steps=fast["verify_steps"],
                 spec_active_at_end=fast["spec_active_at_end"],
                 identical=base["outputs"] == fast["outputs"], decode_tokens=base["decode_tokens"],
