@@ -140,3 +140,28 @@ def test_stop_strings_across_the_prefill_first_token(cluster, offline, tiny_mode
         tokens, text, reason = asyncio.run(one())
         assert (text, reason) == (want.text, want.finish_reason), stop
         assert tokens == list(want.token_ids), stop
+
+
+def test_logprobs_across_the_prefill_first_token(cluster, tiny_model_dir):
+    """One logprob per streamed token, in order, equal to the offline engine's: the first comes
+    with the token the prefill worker streamed, the rest from the decode worker."""
+    prompt = prompts()[5]  # 40 tokens: disaggregated
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=2)
+    llm = LLM(str(tiny_model_dir), device="cpu", dtype="float32", num_kv_blocks=64)
+    want = llm.generate([prompt], params)[0].outputs[0]
+    client = cluster["gloo"].client()
+
+    async def one():
+        tokens, lps = [], []
+        async for d in client.generate(GenerateRequest("lp", tuple(prompt), params)):
+            assert d.logprobs is not None and len(d.logprobs) == len(d.token_ids)
+            tokens += d.token_ids
+            lps += d.logprobs
+        return tokens, lps
+
+    tokens, lps = asyncio.run(one())
+    assert tokens == list(want.token_ids)
+    assert [lp.token_id for lp in lps] == tokens
+    for got, exp in zip(lps, want.logprobs):
+        assert abs(got.logprob - exp.logprob) < 1e-4
+        assert set(got.top) == set(exp.top)
