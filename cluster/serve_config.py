@@ -107,6 +107,9 @@ class PoolsSection(_Strict):
     # A decode worker drops a stream nobody polled for this long (its router replica died);
     # PoolConfig checks it is >= 10 x the poll interval (0.5 s).
     orphan_timeout_s: float = Field(default=60.0, ge=5.0)
+    # cuda_ipc: device memory each prefill worker sets aside for its KV exports (mapped once by
+    # each decode worker); outside gpu_memory_utilization; 0 = one IPC handle per export.
+    ipc_arena_mib: int = Field(default=1024, ge=0)
 
 
 class TenantLimits(_Strict):

@@ -41,6 +41,7 @@ def pool_config(config: ServeConfig, address: str | None = None) -> Any:
         address=address,
         worker_resources=per_kind,
         orphan_timeout_s=p.orphan_timeout_s,
+        ipc_arena_mib=p.ipc_arena_mib,
         **extra,
     )
 
