@@ -122,6 +122,9 @@ def decode_run(model: str, spec: dict | None, prompts, max_tokens: int, device: 
         step_ms_max=1e3 * max(step_s, default=0.0),
         # decode graphs captured during the timed pass (each capture stalls a step)
         graphs_captured_timed=(len(graphs.graphs) - captured0) if graphs is not None else 0,
+        # a failed capture turns decode eager for good (model_runner): that would explain slow steps
+        graph_failures=eng.runner.graph_failures,
+        graphs_on=eng.runner.graphs is not None,
         verify_steps=s.spec_verify_steps - s0.spec_verify_steps,
         spec_active_at_end=s.spec_active,
     )
@@ -159,6 +162,8 @@ def main() -> None:
                 step_ms_max=(base["step_ms_max"], fast["step_ms_max"]),
                 graphs_captured_timed=(base["graphs_captured_timed"],
                                        fast["graphs_captured_timed"]),
+                graph_failures=(base["graph_failures"], fast["graph_failures"]),
+                graphs_on=(base["graphs_on"], fast["graphs_on"]),
                 accepted=fast["accepted"], verify_steps=fast["verify_steps"],
                 spec_active_at_end=fast["spec_active_at_end"],
                 identical=base["outputs"] == fast["outputs"], decode_tokens=base["decode_tokens"],
