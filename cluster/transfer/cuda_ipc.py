@@ -234,7 +234,12 @@ class CudaIpcTransport(KVTransport):
 
     # -- source side ------------------------------------------------------------------------------
     def export_allocator(self) -> ExportAlloc | None:
-        return self._alloc_export if self.export_arena_bytes > 0 else None
+        """Asked once by a worker that exports (prefill or colocated) when it starts: the arena is
+        allocated and its handle taken now, not in the first request's time to first token."""
+        if self.export_arena_bytes <= 0:
+            return None
+        self._ensure_arena()
+        return self._alloc_export
 
     def _alloc_export(
         self, shape: tuple[int, ...], dtype: torch.dtype
@@ -243,7 +248,8 @@ class CudaIpcTransport(KVTransport):
         return arena.alloc(shape, dtype) if arena is not None else None
 
     def _ensure_arena(self) -> ExportArena | None:
-        """The arena, allocated on first use (decode workers never pay for it)."""
+        """The arena, allocated once (decode workers, which never ask for the allocator, never pay
+        for it); a failed allocation is not retried."""
         with self._arena_lock:
             if self._arena is None and not self._arena_failed:
                 try:
