@@ -73,7 +73,9 @@ def _source(name: str, device: str, sizes: list[int], iters: int, arena_mib: int
 
     try:
         if device.startswith("cuda"):
-            torch.cuda.set_device(torch.device(device).index or 0)  # as a worker's own GPU is current
+            torch.cuda.set_device(
+                torch.device(device).index or 0
+            )  # as a worker's own GPU is current
         t = make_transport(
             name, worker_id="src", device=device, timeout_s=60, export_arena_bytes=arena_mib << 20
         )
@@ -205,7 +207,9 @@ def bench_transport(
     return res
 
 
-def bench_copy(device: str, sizes: list[int], iters: int) -> list[dict]:
+def _time_per_size(device: str, sizes: list[int], iters: int, call) -> list[dict]:
+    """p50 wall time of ``call(src, dst)`` (which must finish its work before returning) on a
+    KV-shaped buffer of each size."""
     rows = []
     for mib in sizes:
         src = make_buffer(mib, device)
@@ -214,13 +218,20 @@ def bench_copy(device: str, sizes: list[int], iters: int) -> list[dict]:
         for _ in range(iters):
             sync(device)
             t0 = time.perf_counter()
-            dst.copy_(src)
-            sync(device)
+            call(src, dst)
             times.append(time.perf_counter() - t0)
         p50 = statistics.median(times[1:])
         nbytes = src.numel() * src.element_size()
         rows.append({"bytes": nbytes, "p50_s": p50, "gbps": nbytes / p50 / 1e9})
     return rows
+
+
+def bench_copy(device: str, sizes: list[int], iters: int) -> list[dict]:
+    def copy(src: torch.Tensor, dst: torch.Tensor) -> None:
+        dst.copy_(src)
+        sync(device)
+
+    return _time_per_size(device, sizes, iters, copy)
 
 
 def bench_kernel(device: str, sizes: list[int], iters: int, kernel: str) -> list[dict]:
@@ -230,21 +241,12 @@ def bench_kernel(device: str, sizes: list[int], iters: int, kernel: str) -> list
     from baton.kernels import checksum
 
     fn = getattr(checksum, kernel)
-    rows = []
-    for mib in sizes:
-        src = make_buffer(mib, device)
-        dst = torch.empty_like(src)
-        times = []
-        for _ in range(iters):
-            sync(device)
-            t0 = time.perf_counter()
-            sums = fn(src, dst) if kernel.startswith("copy_") else fn(src)
-            sums.cpu()
-            times.append(time.perf_counter() - t0)
-        p50 = statistics.median(times[1:])
-        nbytes = src.numel() * src.element_size()
-        rows.append({"bytes": nbytes, "p50_s": p50, "gbps": nbytes / p50 / 1e9})
-    return rows
+
+    def run(src: torch.Tensor, dst: torch.Tensor) -> None:
+        sums = fn(src, dst) if kernel.startswith("copy_") else fn(src)
+        sums.cpu()
+
+    return _time_per_size(device, sizes, iters, run)
 
 
 def _nccl_rank(rank: int, port: int, sizes: list[int], iters: int, out) -> None:
