@@ -52,6 +52,73 @@ def _wall_us(fn, reps: int) -> float:
     return statistics.median(samples)
 
 
+def host_breakdown(sizes_mib: list[int], reps: int) -> list[dict]:
+    """Where one synchronised fused call's wall time goes, step by step (medians, us): the
+    partials' allocation, the Triton launch (JIT path and a direct launch of the compiled kernel),
+    the wait for the GPU, the partials to the host (pageable ``.cpu()`` and a pinned copy), the
+    fold; and a plain copy's wall time beside them."""
+    from baton.kernels import checksum
+    from baton.workers.kv_handle import wsum32_fold
+
+    out = []
+    for mib in sizes_mib:
+        src = torch.randint(-(2**31), 2**31 - 1, (mib << 18,), dtype=torch.int32, device="cuda")
+        dst = torch.empty_like(src)
+        n_words = src.numel()
+        n_full = n_words // checksum.W32_BLOCK
+        grid = checksum._num_programs(n_full, src.device, checksum._W32_PROGRAMS_PER_SM)
+        per_prog = -(-n_full // grid)
+        grid = -(-n_full // per_prog)
+        parts = torch.empty(2, grid, dtype=torch.int32, device="cuda")
+        pinned = torch.empty(2, grid, dtype=torch.int32).pin_memory()
+        args = (src, dst, parts, n_words, n_full, per_prog)
+        kw = dict(BLOCK=checksum.W32_BLOCK, COPY=True, TAIL=n_words % checksum.W32_BLOCK != 0,
+                  num_warps=checksum._W32_WARPS)  # fmt: skip
+        compiled = checksum._wsum32_kernel[(grid,)](*args, **kw)
+        direct = compiled[(grid, 1, 1)]
+        steps: dict[str, list[float]] = {k: [] for k in (
+            "empty", "launch_jit", "wait", "cpu_pageable", "fold", "launch_direct",
+            "wait_direct", "pinned_d2h", "total_api", "copy_total")}  # fmt: skip
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            torch.empty(2, grid, dtype=torch.int32, device="cuda")
+            t1 = time.perf_counter()
+            checksum._wsum32_kernel[(grid,)](*args, **kw)
+            t2 = time.perf_counter()
+            torch.cuda.synchronize()
+            t3 = time.perf_counter()
+            host = parts.cpu()
+            t4 = time.perf_counter()
+            wsum32_fold(host)
+            t5 = time.perf_counter()
+            direct(*args, kw["BLOCK"], kw["COPY"], kw["TAIL"])
+            t6 = time.perf_counter()
+            torch.cuda.synchronize()
+            t7 = time.perf_counter()
+            pinned.copy_(parts, non_blocking=True)
+            torch.cuda.current_stream().synchronize()
+            t8 = time.perf_counter()
+            wsum32_fold(checksum.copy_with_wsum32x2(src, dst))
+            t9 = time.perf_counter()
+            dst.copy_(src)
+            torch.cuda.synchronize()
+            t10 = time.perf_counter()
+            ts = (t0, t1, t2, t3, t4, t5)
+            for k, v in zip(list(steps)[:5], [b - a for a, b in zip(ts, ts[1:])]):
+                steps[k].append(v)
+            steps["launch_direct"].append(t6 - t5)
+            steps["wait_direct"].append(t7 - t6)
+            steps["pinned_d2h"].append(t8 - t7)
+            steps["total_api"].append(t9 - t8)
+            steps["copy_total"].append(t10 - t9)
+        row = {"mib": mib, "grid": grid,
+               **{k: round(statistics.median(v) * 1e6, 1) for k, v in steps.items()}}  # fmt: skip
+        print("host breakdown", row, flush=True)
+        out.append(row)
+    return out
+
+
 def main() -> None:
     from baton.kernels import checksum
     from baton.workers.kv_handle import wsum32_fold
@@ -62,10 +129,16 @@ def main() -> None:
     ap.add_argument("--programs-per-sm", nargs="+", type=int, default=[2, 4, 8, 16, 32])
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", type=Path, default=Path("bench/results/checksum_kernel.json"))
+    ap.add_argument("--host-breakdown", action="store_true", help="only the per-step host costs")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/checksum_kernel.py needs a CUDA GPU")
     env = environment(" ".join(["python"] + sys.argv))
+    if args.host_breakdown:
+        rows = host_breakdown(args.sizes_mib, args.reps)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"environment": env, "host_breakdown": rows}, indent=2))
+        return
     rows: list[dict] = []
     best: dict[str, float | str] = {}
     for mib in args.sizes_mib:

@@ -3,17 +3,22 @@
 Two workloads, greedy (so outputs must be token-identical, which is checked):
 - ``repetitive``: edit / summarise a given document (the answer copies long spans of the prompt),
 - ``open``: open-ended questions (little to copy; drafting should switch itself off, goal <= 3 % loss).
-Each at batch sizes 1 and 8, after one untimed pass of the same workload (compiles, graph captures). Default model: the bundled SmolLM2-135M-Instruct (a real model: random
-weights loop and would inflate acceptance). Tokens/s counts output tokens over the decode phase
-(wall time from the first token of the batch to the last).
+Each at 1 and 8 requests in flight (a closed loop: ``--rounds`` requests per slot, a new one joins
+as one ends, as on a server), after one untimed pass of the same loop (compiles, graph captures).
+Default model: the bundled SmolLM2-135M-Instruct (a real model: random weights loop and would
+inflate acceptance). Tokens/s counts output tokens after each request's first (prefill) token,
+over the wall time from the first streamed token to the last.
 
-    python bench/spec_decode.py [--model PATH] [--k 4] [--max-tokens 256] [--batch 1 8] [--out DIR]
+    python bench/spec_decode.py [--model PATH] [--k 4] [--max-tokens 256] [--batch 1 8] [--rounds 3]
+        [--profile] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import inspect
+import pstats
 import sys
 import textwrap
 import time
@@ -63,31 +68,21 @@ def open_prompts(tokenizer) -> list[list[int]]:
     return [chat_ids(tokenizer, q) for q in OPEN_QUESTIONS]
 
 
-def decode_run(model: str, spec: dict | None, prompts, max_tokens: int, device: str) -> dict:
-    from baton.workers.config import CacheConfig, EngineConfig, SchedulerConfig
-    from baton.workers.engine import EngineCore
-    from baton.workers.sampling_params import SamplingParams
-
-    eng = EngineCore(EngineConfig(
-        model=model, device=device, dtype="bfloat16" if device == "cuda" else "float32",
-        cache=CacheConfig(num_kv_blocks=4096),  # fixed: earlier engines in this process hold memory
-        scheduler=SchedulerConfig(max_num_batched_tokens=8192), speculative=spec,
-    ))  # fmt: skip
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    # Warm-up: the whole workload once, untimed, so Triton compiles and the lazily captured CUDA
-    # graphs of every (batch, context) bucket it meets (more of them with drafts) are not timed.
-    for i, p in enumerate(prompts):
-        eng.add_request(f"warm{i}", p, params)
-    while eng.has_unfinished_requests():
-        eng.step()
-    s0 = eng.stats()
-    for i, p in enumerate(prompts):
-        eng.add_request(f"r{i}", p, params)
+def _closed_loop(eng, prompts, batch: int, n_total: int, params, tag: str, device: str, prof=None):
+    """Keep ``batch`` requests in flight until ``n_total`` have run (a new one joins as one ends,
+    as a server's concurrency slots do): a static batch would be timed by its slowest request,
+    e.g. one that does not copy its prompt, and hide what drafting does for the others.
+    Returns (outputs by request, seconds from the first streamed token to the last, step times)."""
+    queue = [(f"{tag}{i}", prompts[i % len(prompts)]) for i in range(n_total)]
+    queue.reverse()
+    for _ in range(min(batch, n_total)):
+        rid, ids = queue.pop()
+        eng.add_request(rid, ids, params)
     outs: dict[str, list[int]] = {}
     t_first = None
     step_s: list[float] = []  # wall time of each engine step after the first token (host + GPU)
-    graphs = getattr(eng.runner, "graphs", None)
-    captured0 = len(graphs.graphs) if graphs is not None else 0
+    if prof is not None:
+        prof.enable()
     while eng.has_unfinished_requests():
         t_step = time.perf_counter()
         outputs = eng.step()
@@ -102,9 +97,47 @@ def decode_run(model: str, spec: dict | None, prompts, max_tokens: int, device: 
                 t_first = time.perf_counter()
             if o.finished:
                 outs[o.request_id] = list(o.outputs[0].token_ids)
+                if queue:
+                    rid, ids = queue.pop()
+                    eng.add_request(rid, ids, params)
     if device == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - (t_first or time.perf_counter())
+    if prof is not None:  # where the host time of the timed pass went
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    return outs, dt, step_s
+
+
+def decode_run(
+    model: str,
+    spec: dict | None,
+    prompts,
+    max_tokens: int,
+    device: str,
+    batch: int,
+    rounds: int,
+    profile: bool = False,
+) -> dict:
+    from baton.workers.config import CacheConfig, EngineConfig, SchedulerConfig
+    from baton.workers.engine import EngineCore
+    from baton.workers.sampling_params import SamplingParams
+
+    eng = EngineCore(EngineConfig(
+        model=model, device=device, dtype="bfloat16" if device == "cuda" else "float32",
+        cache=CacheConfig(num_kv_blocks=4096),  # fixed: earlier engines in this process hold memory
+        scheduler=SchedulerConfig(max_num_batched_tokens=8192), speculative=spec,
+    ))  # fmt: skip
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    n_total = batch * rounds
+    # Warm-up: the same closed loop once, untimed, so Triton compiles and the lazily captured CUDA
+    # graphs of every (rows, context) bucket it meets (more of them with drafts) are not timed.
+    _closed_loop(eng, prompts, batch, n_total, params, "warm", device)
+    s0 = eng.stats()
+    graphs = getattr(eng.runner, "graphs", None)
+    captured0 = len(graphs.graphs) if graphs is not None else 0
+    prof = cProfile.Profile() if profile else None
+    outs, dt, step_s = _closed_loop(eng, prompts, batch, n_total, params, "r", device, prof)
     n_tok = sum(len(v) for v in outs.values()) - len(outs)  # first tokens come from prefill
     s = eng.stats()
     drafted = s.spec_draft_tokens - s0.spec_draft_tokens
@@ -136,7 +169,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--rounds", type=int, default=3, help="requests per concurrency slot")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--profile", action="store_true", help="cProfile each timed pass (host time)")
     args = ap.parse_args()
     from baton.workers.default_model import default_model_path
     from transformers import AutoTokenizer
@@ -149,11 +184,12 @@ def main() -> None:
     rows = []
     for name, prompts in workloads.items():
         for batch in args.batch:
-            ps = (prompts * ((batch + len(prompts) - 1) // len(prompts)))[:batch]
-            base = decode_run(model, None, ps, args.max_tokens, device)
-            fast = decode_run(model, spec, ps, args.max_tokens, device)
+            run = dict(max_tokens=args.max_tokens, device=device, batch=batch,
+                       rounds=args.rounds, profile=args.profile)  # fmt: skip
+            base = decode_run(model, None, prompts, **run)
+            fast = decode_run(model, spec, prompts, **run)
             row = dict(
-                workload=name, batch=batch, k=args.k,
+                workload=name, batch=batch, requests=batch * args.rounds, k=args.k,
                 base_tokens_per_s=base["tokens_per_s"], spec_tokens_per_s=fast["tokens_per_s"],
                 speedup=fast["tokens_per_s"] / base["tokens_per_s"],
                 acceptance_rate=fast["acceptance_rate"], drafted=fast["drafted"],

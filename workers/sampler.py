@@ -119,13 +119,38 @@ def _target_probs(logits: torch.Tensor, row: SamplingRow) -> torch.Tensor:
     return torch.softmax(_filter(logits, row.params), dim=-1)
 
 
+def mask_greedy_rows(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """Penalties and blocked tokens applied in place to ``logits[j]`` for ``rows[j]``: what a
+    greedy row's argmax is taken over (no host sync)."""
+    for j, row in enumerate(rows):
+        if row.params.needs_penalties:
+            apply_penalties(logits[j], row)
+        if row.blocked_token_ids:
+            logits[j, list(row.blocked_token_ids)] = float("-inf")
+
+
+def accept_greedy(target: Sequence[int], draft: Sequence[int]) -> list[int]:
+    """The longest prefix of ``draft`` equal to ``target`` plus the target token after it."""
+    tokens: list[int] = []
+    for j in range(len(draft) + 1):
+        tokens.append(int(target[j]))
+        if j == len(draft) or draft[j] != target[j]:
+            break
+    return tokens
+
+
 def verify(
     logits: torch.Tensor,
     rows: Sequence[SamplingRow],
     draft: Sequence[int],
     default_generator: torch.Generator | None,
+    greedy_target: Sequence[int] | None = None,
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """Accept a prefix of ``draft`` and add one token; returns the 1..len(draft)+1 emitted tokens.
+
+    ``greedy_target``: for a greedy row without logprobs, the argmax of every row already taken
+    (``mask_greedy_rows`` then one argmax over all verifications of a step: one host sync per step,
+    not one per request).
 
     ``logits [d+1, V]``: row j is the target model's distribution after the sequence plus
     ``draft[:j]``; ``rows[j]`` carries the output as it would be then (penalties, min_tokens).
@@ -140,16 +165,10 @@ def verify(
     raw = torch.log_softmax(logits, dim=-1) if params.logprobs is not None else None
     tokens: list[int] = []
     if params.greedy:
-        for j, row in enumerate(rows):
-            if row.params.needs_penalties:
-                apply_penalties(logits[j], row)
-            if row.blocked_token_ids:
-                logits[j, list(row.blocked_token_ids)] = float("-inf")
-        target = logits.argmax(dim=-1).tolist()
-        for j in range(d + 1):
-            tokens.append(target[j])
-            if j == d or draft[j] != target[j]:
-                break
+        if greedy_target is None:
+            mask_greedy_rows(logits, rows)
+            greedy_target = logits.argmax(dim=-1).tolist()
+        tokens = accept_greedy(greedy_target, draft)
     else:
         gen = rows[0].generator if rows[0].generator is not None else default_generator
         probs = torch.stack([_target_probs(logits[j], rows[j]) for j in range(d + 1)])  # [d+1, V]
