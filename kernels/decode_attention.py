@@ -9,7 +9,9 @@ query heads that share it are packed into the rows of one ``tl.dot`` and each KV
 
     keys of seq b:  [win_start ......................................... seq_len)
                     |-- split 0 --|-- split 1 --|-- ... --|-- split S-1 --|
-    sinks [0, min(num_sinks, win_start)) are folded into split 0.
+    sinks [0, min(num_sinks, win_start)) are folded into split 0. The ranges are cut from seq b's
+    own length on the device (tile-aligned, so the last ones may be empty): S comes from the
+    host, the lengths never do.
 
 With one split the kernel writes the normalised output directly; with more it writes per-split
 ``(out_s, lse_s)`` in float32 and ``_reduce_kernel`` merges them. (Merging inside the last-arriving
@@ -104,7 +106,6 @@ def _decode_kernel(
     part_lse_ptr,
     scale_log2,
     v_scale,
-    split_tokens,
     sliding_window,
     num_sinks,
     stride_qt,
@@ -139,7 +140,12 @@ def _decode_kernel(
     win_start = 0
     if USE_WINDOW:
         win_start = tl.maximum(seq_len - sliding_window, 0)
-    start = (win_start // BLOCK_N) * BLOCK_N + s * split_tokens
+    # This sequence's keys from its (tile-aligned) window start, cut into num_programs(2) equal
+    # tile-aligned ranges on the device: a grid chosen for a longer context (a CUDA graph captured
+    # once for every context) still spreads a short or ragged sequence over the splits.
+    base = (win_start // BLOCK_N) * BLOCK_N
+    split_tokens = tl.cdiv(tl.cdiv(seq_len - base, tl.num_programs(2)), BLOCK_N) * BLOCK_N
+    start = base + s * split_tokens
     end = tl.minimum(start + split_tokens, seq_len)
 
     offs_g = tl.arange(0, GROUP_PAD)
@@ -281,8 +287,11 @@ def decode_attention(
 ) -> torch.Tensor:
     """Paged decode attention; returns ``[B, Hq, D]`` in q's dtype.
 
-    ``max_seq_len`` is the host-side maximum of ``seq_lens`` (no device sync here). ``num_splits``
-    and ``config`` (BLOCK_N, num_warps, num_stages) override the heuristics (tests, tuning).
+    ``max_seq_len`` is a host-side upper bound of ``seq_lens`` (no device sync here): it only
+    picks the grid (split count); each sequence's key ranges come from its own ``seq_lens`` entry
+    on the device, so a larger bound (a CUDA graph captured for every context up to the model's
+    length) stays correct. ``num_splits`` and ``config`` (BLOCK_N, num_warps, num_stages) override
+    the heuristics (tests, tuning).
     """
     bsz, hq, dim = q.shape
     nb, page, hkv, dk = k_cache.shape
@@ -308,9 +317,6 @@ def decode_attention(
     if num_splits is None:
         num_splits = choose_num_splits(bsz, hkv, max_span, _sm_count(q.device), block_n)
     num_splits = max(1, min(num_splits, triton.cdiv(max(max_span, 1), block_n)))
-    split_tokens = triton.cdiv(triton.cdiv(max(max_span, 1), num_splits), block_n) * block_n
-    if num_splits == 1:
-        split_tokens = triton.cdiv(max(max_span, 1) + block_n, block_n) * block_n
     kv_scale_log2 = scale * k_scale * LOG2E
     split = num_splits > 1
     if split:
@@ -321,7 +327,7 @@ def decode_attention(
     block_d = triton.next_power_of_2(dim)
     _decode_kernel[(bsz, hkv, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
-        kv_scale_log2, v_scale, split_tokens, sliding_window or 0, num_sink_tokens,
+        kv_scale_log2, v_scale, sliding_window or 0, num_sink_tokens,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

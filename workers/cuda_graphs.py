@@ -1,10 +1,13 @@
-"""CUDA graphs for decode-only steps: one captured forward per (padded batch size, context bucket).
+"""CUDA graphs for decode-only steps: one captured forward per padded batch size.
 
 Decode is launch-bound at small batch: a 16-layer model issues ~250 kernels per step. Replaying a captured graph
-turns them into one launch. The Triton decode kernel's grid (split-K count) is chosen on the host from
-``max_seq_len``, so graphs are keyed by a power-of-two context bucket as well as the batch bucket, captured lazily
-the first time a (batch, context) pair is seen, and share one memory pool. Padded rows get ``seq_len 0`` and slot
-``-1`` (the cache write skips them); their outputs are discarded.
+turns them into one launch. Every batch bucket is captured once when the engine starts (largest first, one shared
+memory pool), so no serving step stalls on a capture: a lazy capture costs ~100 ms and, keyed by context as well,
+it recurred whenever a sequence crossed a context bucket (the suspected cause of the 0.36-0.5 s p99 gap after a
+disaggregated first token; speculative steps met new row counts mid-run on an H100). A graph serves every context up to
+``max_model_len``: it is captured with that bound, which only picks the decode kernel's split count; each
+sequence's key ranges are cut from its own length on the device. Padded rows get ``seq_len 0`` and slot ``-1``
+(the cache write skips them); their outputs are discarded.
 
 Static layout (the graph reads these buffers; a replay first copies the step's values in)::
 
@@ -15,6 +18,7 @@ Static layout (the graph reads these buffers; a replay first copies the step's v
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -27,10 +31,6 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 32
 
 def _bucket(n: int, buckets: tuple[int, ...]) -> int | None:
     return next((b for b in buckets if b >= n), None)
-
-
-def _context_bucket(n: int) -> int:
-    return max(256, 1 << (max(n, 1) - 1).bit_length())
 
 
 @dataclass
@@ -60,13 +60,32 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(b, width, dtype=torch.int32, device=dev)
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.graphs: dict[int, _Graph] = {}
         self.num_replays = 0
+
+    @torch.inference_mode()
+    def capture_all(self) -> float:
+        """Capture every batch bucket now (largest first: smaller graphs reuse its pool blocks);
+        returns the seconds it took."""
+        t0 = time.perf_counter()
+        for batch in sorted(self.buckets, reverse=True):
+            if batch not in self.graphs:
+                self.graphs[batch] = self._capture(batch)
+        torch.cuda.synchronize(self.device)
+        took = time.perf_counter() - t0
+        log.info(
+            "captured %d decode graphs (up to %d rows) in %.1f s",
+            len(self.graphs),
+            self.max_batch,
+            took,
+        )
+        return took
 
     def can_run(self, batch: int, max_seq_len: int) -> bool:
         return batch <= self.max_batch and max_seq_len <= self.max_model_len
 
-    def _meta(self, batch: int, ctx: int) -> AttentionMetadata:
+    def _meta(self, batch: int) -> AttentionMetadata:
+        ctx = self.max_model_len
         return AttentionMetadata(
             query_start_loc=self.query_start_loc[: batch + 1],
             seq_lens=self.seq_lens[:batch],
@@ -78,8 +97,8 @@ class DecodeGraphs:
             seq_lens_host=(ctx,) * batch,
         )
 
-    def _capture(self, batch: int, ctx: int) -> _Graph:
-        meta = self._meta(batch, ctx)
+    def _capture(self, batch: int) -> _Graph:
+        meta = self._meta(batch)
         args = (self.input_ids[:batch], self.positions[:batch], self.kv_cache, meta)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -93,7 +112,7 @@ class DecodeGraphs:
         # invalidate the capture and fail the step.
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             hidden = self.model.forward(*args)
-        log.debug("captured decode graph batch=%d ctx=%d", batch, ctx)
+        log.debug("captured decode graph batch=%d", batch)
         return _Graph(graph, hidden)
 
     @torch.inference_mode()
@@ -109,7 +128,6 @@ class DecodeGraphs:
         n = len(input_ids)
         batch = _bucket(n, self.buckets)
         assert batch is not None
-        ctx = min(_context_bucket(max(seq_lens)), self.max_model_len)
         pad = batch - n
         width = max(len(t) for t in block_tables)
         table = torch.zeros(n, width, dtype=torch.int32)
@@ -130,10 +148,9 @@ class DecodeGraphs:
         self.slot_mapping[:batch].copy_(dev[2])
         self.seq_lens[:batch].copy_(dev[3])
         self.block_tables[:n, :width].copy_(table.pin_memory().to(self.device, non_blocking=True))
-        key = (batch, ctx)
-        g = self.graphs.get(key)
-        if g is None:
-            g = self.graphs[key] = self._capture(batch, ctx)
+        g = self.graphs.get(batch)
+        if g is None:  # capture_all was not called (or this bucket failed then)
+            g = self.graphs[batch] = self._capture(batch)
         g.graph.replay()
         self.num_replays += 1
         return g.hidden[:n]

@@ -68,6 +68,12 @@ class ModelRunner:
             self.graphs = DecodeGraphs(
                 model, self.kv_cache, block_size, max_num_seqs, max_model_len
             )
+            try:
+                self.graphs.capture_all()  # at start, not in a serving step
+            except RuntimeError:
+                log.exception("CUDA graph capture failed at start; decode runs eagerly")
+                self.graphs = None
+                self.graph_failures += 1
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> torch.Tensor:

@@ -18,8 +18,9 @@ LENS = [1, 16, 37, 64, 100]
 
 
 def _run(
-    lens, hq, hkv, dim, bs, dtype, kv_dtype=None, splits=None, window=None, sinks=0, kv_scale=1.0
-):
+    lens, hq, hkv, dim, bs, dtype, kv_dtype=None, splits=None, window=None, sinks=0, kv_scale=1.0,
+    bound=None,
+):  # fmt: skip
     dev = kernel_device()
     kv_dtype = kv_dtype or dtype
     kv = make_paged(lens, hkv, dim, bs, kv_dtype, dev, kv_scale=kv_scale)
@@ -28,7 +29,7 @@ def _run(
     kw = dict(sliding_window=window, num_sink_tokens=sinks, k_scale=kv_scale, v_scale=kv_scale)
     out = decode_attention(
         q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, dim**-0.5,
-        max_seq_len=max(lens), num_splits=splits, **kw,
+        max_seq_len=bound or max(lens), num_splits=splits, **kw,
     )  # fmt: skip
     ref = decode_attention_reference(
         q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, dim**-0.5, **kw
@@ -49,6 +50,14 @@ def test_gqa_ratios_and_block_sizes(hq, hkv, bs):
 def test_split_k_matches_single_pass(splits):
     """Forced splits, including more splits than a short sequence has tiles (empty splits)."""
     _run([1, 70, 300], 8, 2, 64, 16, torch.float32, splits=splits)
+
+
+@pytest.mark.parametrize("window,sinks", [(None, 0), (40, 4)])
+def test_grid_for_a_longer_context(window, sinks):
+    """``max_seq_len`` only bounds the lengths (a CUDA graph is captured once for the model's whole
+    context): the heuristic's many splits are cut from each sequence's own length on the device."""
+    _run([1, 70, 300], 8, 2, 64, 16, torch.float32, bound=8192, window=window, sinks=sinks)
+    _run([1, 70, 300], 8, 2, 64, 16, torch.float32, splits=16, bound=8192)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
