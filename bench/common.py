@@ -37,10 +37,14 @@ def shape_config(shape: str) -> Any:
     return cfg
 
 
-def write_config_dir(path: Path, shape: str) -> Path:
-    """A model directory holding only config.json: load it with load_format='dummy'."""
+def write_config_dir(path: Path, shape: str, min_positions: int = 0) -> Path:
+    """A model directory holding only config.json: load it with load_format='dummy'.
+    ``min_positions`` raises ``max_position_embeddings`` where a workload needs longer contexts
+    than the shape's own (Llama-3-8B's 8192; the serving plan's 8000-token prompts plus output)."""
     path.mkdir(parents=True, exist_ok=True)
-    shape_config(shape).save_pretrained(path)
+    cfg = shape_config(shape)
+    cfg.max_position_embeddings = max(int(cfg.max_position_embeddings), min_positions)
+    cfg.save_pretrained(path)
     return path
 
 

@@ -135,7 +135,7 @@ def model_dir(plan: Plan, root: Path, shape: str) -> tuple[Path, str, int]:
 
         path = build_model_dir(root / "tiny", "llama", max_position_embeddings=plan.max_model_len)
         return path, "auto", int(json.loads((path / "config.json").read_text())["vocab_size"])
-    path = write_config_dir(root / shape, shape)
+    path = write_config_dir(root / shape, shape, min_positions=plan.max_model_len)
     vocab = int(shape_config(shape).vocab_size)
     synthetic_tokenizer(vocab).save_pretrained(path)
     return path, "dummy", vocab

@@ -1,4 +1,5 @@
-"""Kernels acceptance 2: the engine's token-exact test with the Triton attention path on (CPU: interpreter)."""
+"""Kernels acceptance 2: the engine's token-exact test with the Triton attention path on (CPU:
+interpreter; GPU: the compiled kernels and decode CUDA graphs, float32)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def test_greedy_token_exact_triton_path(tiny_model_factory, arch) -> None:
     model_dir = tiny_model_factory(arch)
     llm = short_output_llm(
         model_dir,
-        device="cpu",
+        device="cuda" if torch.cuda.is_available() else "cpu",  # GPU: float32, real kernels
         block_size=8,
         num_kv_blocks=8,
         attention_backend="triton",
