@@ -135,10 +135,6 @@ class SpeculativeConfig:
     ``ngram`` (prompt lookup): the draft continues the most recent earlier occurrence of the last
     ``n_max``..``n_min`` tokens. Drafting turns itself off (per request and engine-wide, for
     ``cooldown_steps``) when the moving average of the acceptance rate falls below ``min_acceptance``.
-    While more than one request decodes, a request also drafts only while its average is at least
-    ``min_acceptance_batched``: alone, the extra verification rows ride on a latency-bound step
-    (H100, SmolLM2: step time unchanged, 1.13-1.19x at 33 % acceptance); with 8 in flight a step
-    with drafts was 14 % slower, so 45 % acceptance only broke even (0.97-1.00x).
     """
 
     method: Literal["ngram"] = "ngram"
@@ -146,7 +142,6 @@ class SpeculativeConfig:
     n_min: int = 2
     n_max: int = 4
     min_acceptance: float = 0.3
-    min_acceptance_batched: float = 0.6
     ema_alpha: float = 0.1
     warmup_drafts: int = 16  # drafted tokens before the moving average may switch drafting off
     cooldown_steps: int = 256
@@ -166,12 +161,6 @@ class SpeculativeConfig:
             "speculative.min_acceptance",
             self.min_acceptance,
             "must be in [0, 1)",
-        )
-        _require(
-            self.min_acceptance <= self.min_acceptance_batched <= 1,
-            "speculative.min_acceptance_batched",
-            self.min_acceptance_batched,
-            f"must be in [min_acceptance={self.min_acceptance}, 1]",
         )
         _require(
             0 < self.ema_alpha <= 1, "speculative.ema_alpha", self.ema_alpha, "must be in (0, 1]"

@@ -111,8 +111,7 @@ class SpecDecoder:
     0.92x instead of a speed-up); the engine-wide average is reported (``active``).
     verification is not free (each drafted token is one more decode row that reads its sequence's
     KV again, and the host-side verification costs per request), so a workload that does not repeat
-    itself should pay nothing: while several requests decode, a request drafts only while its own
-    average is at least ``min_acceptance_batched`` (its rows slow the whole batch's step).
+    itself should pay nothing.
     """
 
     def __init__(self, config: SpeculativeConfig, proposer: Proposer | None = None) -> None:
@@ -135,17 +134,6 @@ class SpecDecoder:
             return True
         return False
 
-    def _drafts(self, rate: _Rate, batched: bool) -> bool:
-        """Whether a request drafts this step: not in its cool-down and, while other requests
-        decode too, its average at least ``min_acceptance_batched`` (after the warm-up): there its
-        verification rows slow every request's step."""
-        if not self._enabled(rate):
-            return False
-        c = self.config
-        return not (
-            batched and rate.drafted >= c.warmup_drafts and rate.ema < c.min_acceptance_batched
-        )
-
     @property
     def active(self) -> bool:
         """Engine-wide acceptance at or above ``min_acceptance`` (a statistic; requests gate alone)."""
@@ -159,11 +147,10 @@ class SpecDecoder:
         )  # advances the engine-wide probe clock (reported, not a gate)
         if not queries:
             return []
-        batched = len(queries) > 1
         keep = [
             i
             for i, q in enumerate(queries)
-            if self._drafts(self._rates.setdefault(q.request_id, _Rate(ema=1.0)), batched)
+            if self._enabled(self._rates.setdefault(q.request_id, _Rate(ema=1.0)))
         ]
         drafts: list[list[int]] = [[] for _ in queries]
         for i, d in zip(keep, self.proposer.propose([queries[i] for i in keep])):

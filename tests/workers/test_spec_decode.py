@@ -220,9 +220,8 @@ def test_drafting_turns_itself_off_and_probes_again() -> None:
 
 def test_one_request_that_does_not_repeat_does_not_switch_drafting_off_for_others() -> None:
     cfg = SpeculativeConfig(
-        k=2, min_acceptance=0.5, min_acceptance_batched=0.5, ema_alpha=0.5, warmup_drafts=4,
-        cooldown_steps=100,
-    )  # fmt: skip
+        k=2, min_acceptance=0.5, ema_alpha=0.5, warmup_drafts=4, cooldown_steps=100
+    )
     dec = SpecDecoder(cfg)
     good = DraftQuery("good", [1, 2, 3, 1, 2], [], k=2)
     bad = DraftQuery("bad", [4, 5, 6, 4, 5], [], k=2)
@@ -232,26 +231,6 @@ def test_one_request_that_does_not_repeat_does_not_switch_drafting_off_for_other
         dec.observe("good", 2, 1)
     assert not dec.active  # the engine-wide average fell below the threshold ...
     assert dec.propose([good, bad]) == [[3, 1], []]  # ... but only the bad request stops
-
-
-def test_batched_requests_draft_only_above_the_batched_threshold() -> None:
-    """A request accepting 40 % drafts alone, but not while another request decodes (its rows
-    would slow both); it drafts again when it is alone, without a cool-down."""
-    cfg = SpeculativeConfig(
-        k=2, min_acceptance=0.3, min_acceptance_batched=0.6, ema_alpha=1.0, warmup_drafts=4,
-        cooldown_steps=100,
-    )  # fmt: skip
-    dec = SpecDecoder(cfg)
-    mid = DraftQuery("mid", [1, 2, 3, 1, 2], [], k=2)
-    good = DraftQuery("good", [4, 5, 6, 4, 5], [], k=2)
-    assert dec.propose([mid, good]) == [[3, 1], [6, 4]]  # warm-up: both draft
-    for _ in range(3):
-        dec.observe("mid", 5, 2)  # 40 %
-        dec.observe("good", 5, 4)  # 80 %
-    assert dec.propose([mid, good]) == [[], [6, 4]]
-    assert dec.propose([mid]) == [[3, 1]]  # alone: 40 % is above min_acceptance
-    with pytest.raises(ValueError, match="min_acceptance_batched"):
-        SpeculativeConfig(min_acceptance=0.5, min_acceptance_batched=0.4)
 
 
 def test_speculative_config_validation() -> None:
