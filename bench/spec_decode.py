@@ -4,21 +4,25 @@ Two workloads, greedy (so outputs must be token-identical, which is checked):
 - ``repetitive``: edit / summarise a given document (the answer copies long spans of the prompt),
 - ``open``: open-ended questions (little to copy; drafting should switch itself off, goal <= 3 % loss).
 Each at 1 and 8 requests in flight (a closed loop: ``--rounds`` requests per slot, a new one joins
-as one ends, as on a server), after one untimed pass of the same loop (compiles, graph captures).
+as one ends, as on a server). Both engines live side by side, each warmed by one untimed pass of the
+loop; then ``--repeats`` timed passes each, alternating which goes first (these GPUs drift
+by 10 % between runs); the speed-up is the median of the paired ratios.
 Default model: the bundled SmolLM2-135M-Instruct (a real model: random weights loop and would
 inflate acceptance). Tokens/s counts output tokens after each request's first (prefill) token,
 over the wall time from the first streamed token to the last.
 
     python bench/spec_decode.py [--model PATH] [--k 4] [--max-tokens 256] [--batch 1 8] [--rounds 3]
-        [--profile] [--out DIR]
+        [--repeats 3] [--profile] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import inspect
 import pstats
+import statistics
 import sys
 import textwrap
 import time
@@ -109,35 +113,29 @@ def _closed_loop(eng, prompts, batch: int, n_total: int, params, tag: str, devic
     return outs, dt, step_s
 
 
-def decode_run(
-    model: str,
-    spec: dict | None,
-    prompts,
-    max_tokens: int,
-    device: str,
-    batch: int,
-    rounds: int,
-    profile: bool = False,
-) -> dict:
+def make_engine(model: str, spec: dict | None, device: str, prompts, batch: int, n_total: int,
+                params):  # fmt: skip
+    """An engine, warmed by one untimed pass of the closed loop (Triton compiles; the decode
+    graphs are captured when the engine starts)."""
     from baton.workers.config import CacheConfig, EngineConfig, SchedulerConfig
     from baton.workers.engine import EngineCore
-    from baton.workers.sampling_params import SamplingParams
 
     eng = EngineCore(EngineConfig(
         model=model, device=device, dtype="bfloat16" if device == "cuda" else "float32",
-        cache=CacheConfig(num_kv_blocks=4096),  # fixed: earlier engines in this process hold memory
+        cache=CacheConfig(num_kv_blocks=2048),  # fixed: the two engines of a pair share the GPU
         scheduler=SchedulerConfig(max_num_batched_tokens=8192), speculative=spec,
     ))  # fmt: skip
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    n_total = batch * rounds
-    # Warm-up: the same closed loop once, untimed, so Triton compiles and the lazily captured CUDA
-    # graphs of every (rows, context) bucket it meets (more of them with drafts) are not timed.
     _closed_loop(eng, prompts, batch, n_total, params, "warm", device)
+    return eng
+
+
+def timed_pass(eng, prompts, batch: int, n_total: int, params, tag: str, device: str,
+               profile: bool = False) -> dict:  # fmt: skip
     s0 = eng.stats()
     graphs = getattr(eng.runner, "graphs", None)
     captured0 = len(graphs.graphs) if graphs is not None else 0
     prof = cProfile.Profile() if profile else None
-    outs, dt, step_s = _closed_loop(eng, prompts, batch, n_total, params, "r", device, prof)
+    outs, dt, step_s = _closed_loop(eng, prompts, batch, n_total, params, tag, device, prof)
     n_tok = sum(len(v) for v in outs.values()) - len(outs)  # first tokens come from prefill
     s = eng.stats()
     drafted = s.spec_draft_tokens - s0.spec_draft_tokens
@@ -170,6 +168,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--rounds", type=int, default=3, help="requests per concurrency slot")
+    ap.add_argument("--repeats", type=int, default=3, help="timed passes per engine, alternating")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--profile", action="store_true", help="cProfile each timed pass (host time)")
     args = ap.parse_args()
@@ -181,28 +180,51 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(model)
     workloads = {"repetitive": repetitive_prompts(tok), "open": open_prompts(tok)}
     spec = {"method": "ngram", "k": args.k, "n_min": 2, "n_max": 4}
+    from baton.workers.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     rows = []
     for name, prompts in workloads.items():
         for batch in args.batch:
-            run = dict(max_tokens=args.max_tokens, device=device, batch=batch,
-                       rounds=args.rounds, profile=args.profile)  # fmt: skip
-            base = decode_run(model, None, prompts, **run)
-            fast = decode_run(model, spec, prompts, **run)
+            n_total = batch * args.rounds
+            engines = {
+                "base": make_engine(model, None, device, prompts, batch, n_total, params),
+                "spec": make_engine(model, spec, device, prompts, batch, n_total, params),
+            }
+            passes: dict[str, list[dict]] = {"base": [], "spec": []}
+            for r in range(args.repeats):  # alternate the order: drift hits both alike
+                for label in ("base", "spec") if r % 2 == 0 else ("spec", "base"):
+                    passes[label].append(timed_pass(
+                        engines[label], prompts, batch, n_total, params, f"r{r}-", device,
+                        args.profile))  # fmt: skip
+            del engines
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            base, fast = passes["base"], passes["spec"]
+            ratios = [f["tokens_per_s"] / b["tokens_per_s"] for b, f in zip(base, fast)]
+
+            def med(runs: list[dict], key: str) -> float:
+                return statistics.median(r[key] for r in runs)
+
             row = dict(
-                workload=name, batch=batch, requests=batch * args.rounds, k=args.k,
-                base_tokens_per_s=base["tokens_per_s"], spec_tokens_per_s=fast["tokens_per_s"],
-                speedup=fast["tokens_per_s"] / base["tokens_per_s"],
-                acceptance_rate=fast["acceptance_rate"], drafted=fast["drafted"],
-                steps=(base["decode_steps"], fast["decode_steps"]),
-                step_ms_p50=(base["step_ms_p50"], fast["step_ms_p50"]),
-                step_ms_max=(base["step_ms_max"], fast["step_ms_max"]),
-                graphs_captured_timed=(base["graphs_captured_timed"],
-                                       fast["graphs_captured_timed"]),
-                graph_failures=(base["graph_failures"], fast["graph_failures"]),
-                graphs_on=(base["graphs_on"], fast["graphs_on"]),
-                accepted=fast["accepted"], verify_steps=fast["verify_steps"],
-                spec_active_at_end=fast["spec_active_at_end"],
-                identical=base["outputs"] == fast["outputs"], decode_tokens=base["decode_tokens"],
+                workload=name, batch=batch, requests=n_total, k=args.k, repeats=args.repeats,
+                base_tokens_per_s=med(base, "tokens_per_s"),
+                spec_tokens_per_s=med(fast, "tokens_per_s"),
+                speedup=statistics.median(ratios), speedup_per_repeat=ratios,
+                acceptance_rate=sum(f["accepted"] for f in fast) / max(1, sum(f["drafted"] for f in fast)),
+                drafted=sum(f["drafted"] for f in fast), accepted=sum(f["accepted"] for f in fast),
+                verify_steps=sum(f["verify_steps"] for f in fast),
+                steps=(med(base, "decode_steps"), med(fast, "decode_steps")),
+                step_ms_p50=(med(base, "step_ms_p50"), med(fast, "step_ms_p50")),
+                step_ms_max=(max(b["step_ms_max"] for b in base), max(f["step_ms_max"] for f in fast)),
+                graphs_captured_timed=(sum(b["graphs_captured_timed"] for b in base),
+                                       sum(f["graphs_captured_timed"] for f in fast)),
+                graph_failures=(base[-1]["graph_failures"], fast[-1]["graph_failures"]),
+                graphs_on=(base[-1]["graphs_on"], fast[-1]["graphs_on"]),
+                spec_active_at_end=fast[-1]["spec_active_at_end"],
+                identical=all(b["outputs"] == f["outputs"] for b, f in zip(base, fast)),
+                decode_tokens=base[0]["decode_tokens"],
             )  # fmt: skip
             rows.append(row)
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
