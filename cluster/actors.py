@@ -25,7 +25,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 from baton.cluster import tracing
@@ -114,7 +114,10 @@ class _Worker:
         tracing.setup_tracing(f"baton-{self.kind}")
         self.worker_id = worker_id
         self.config = config
-        engine = EngineCore(config.engine, worker_id=worker_id)
+        engine_config = config.engine
+        if self.kind == "prefill":  # never runs a decode step: no decode graphs to capture at start
+            engine_config = replace(engine_config, enforce_eager=True)
+        engine = EngineCore(engine_config, worker_id=worker_id)
         self.loop = EngineLoop(engine)
         self.transport = make_transport(
             transport,
