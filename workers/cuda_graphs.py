@@ -149,7 +149,7 @@ class DecodeGraphs:
         self.seq_lens[:batch].copy_(dev[3])
         self.block_tables[:n, :width].copy_(table.pin_memory().to(self.device, non_blocking=True))
         g = self.graphs.get(batch)
-        if g is None:  # capture_all was not called (or this bucket failed then)
+        if g is None:  # capture_all was not called
             g = self.graphs[batch] = self._capture(batch)
         g.graph.replay()
         self.num_replays += 1

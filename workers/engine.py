@@ -473,8 +473,8 @@ class EngineCore:
                 for j in range(chunks[i].num_draft + 1)]
             for i in drafted
         }  # fmt: skip
-        # Greedy verifications without logprobs share one argmax and one host sync per step (a
-        # sync per request cost batch 8 its speed-up).
+        # Greedy verifications without logprobs share one argmax and one host sync per step
+        # instead of one per drafting request.
         batched = [i for i in drafted if reqs[i].params.greedy and reqs[i].params.logprobs is None]
         targets: dict[int, list[int]] = {}
         if batched:
