@@ -206,7 +206,10 @@ class EngineCore:
         self.prompt_tokens_computed = 0
         self.kv_bytes_received = 0
         if self.device.type == "cuda":
-            self._warm_up()
+            try:
+                self._warm_up()
+            except Exception:  # noqa: BLE001 - a speed-up only: requests still compile on first use
+                log.exception("start-up warm-up failed; kernels compile on the first requests")
         log.info(
             "engine %s: model=%s device=%s backend=%s blocks=%d x %d tokens kv_dtype=%s",
             worker_id,
