@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel_timing import environment  # noqa: E402
+from kernel_timing import environment, write_results  # noqa: E402
 
 
 def _gpu_us(fn, reps: int) -> float:
@@ -135,9 +135,7 @@ def main() -> None:
         sys.exit("bench/checksum_kernel.py needs a CUDA GPU")
     env = environment(" ".join(["python"] + sys.argv))
     if args.host_breakdown:
-        rows = host_breakdown(args.sizes_mib, args.reps)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"environment": env, "host_breakdown": rows}, indent=2))
+        write_results(args.out, env, host_breakdown(args.sizes_mib, args.reps))
         return
     rows: list[dict] = []
     best: dict[str, float | str] = {}
