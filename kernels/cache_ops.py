@@ -157,7 +157,9 @@ def reshape_and_cache_reference(
     vc.index_copy_(0, slots, _as_words(v.to(v_cache.dtype)))
 
 
-@triton.jit
+# Block counts vary per request: specialising on them (==1, %16) would compile a new variant on the
+# first transfer of each new shape class, in a request's time to first token.
+@triton.jit(do_not_specialize=["num_ids", "src_blocks", "dst_blocks"])
 def _block_copy_kernel(
     src_ptr,
     dst_ptr,

@@ -45,7 +45,9 @@ _MASK32 = 0xFFFFFFFF
 
 
 # -- wsum32x2 -----------------------------------------------------------------------------------
-@triton.jit
+# Sizes vary per transfer: specialising on them (==1, %16) would compile new variants on the first
+# transfers of new size classes, on the request's path; they only bound loops and the tail mask.
+@triton.jit(do_not_specialize=["n_words", "n_full", "per_prog"])
 def _wsum32_kernel(
     src_ptr,
     dst_ptr,
@@ -96,7 +98,7 @@ def _wsum32_kernel(
 
 
 # -- wsum64 (older handles) ---------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["n_words", "n_blocks"])
 def _wsum64_kernel(
     src_ptr,
     dst_ptr,

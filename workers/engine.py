@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 import torch
 from baton.kernels.attention import LayerAttentionParams, get_backend
+from baton.kernels.checksum import copy_with_wsum32x2
 from baton.workers.block_hash import CacheIdentity
 from baton.workers.block_pool import BlockPool
 from baton.workers.cache_events import CacheEvent
@@ -464,10 +465,12 @@ class EngineCore:
     def _warm_up(self) -> None:
         """Run one sequence's prefill in three chunks (8, 40 and 100 tokens: each of the extend
         kernel's tile configs, the later ones over cached blocks as a prefix hit or a next chunk
-        is), the sampler and the KV export kernels once at start, so Triton compiles them now and
-        not in the first request's time to first token (H100, Llama-3.2-1B shapes, empty Triton
-        cache: the first request's TTFT was 1.3 s, the next ones ~40 ms). Outside the scheduler:
-        no request, no stats; the blocks go back to the pool."""
+        is), the sampler and the KV transfer kernels (gather, checksum, a cuda_ipc sink's fused
+        copy, scatter; their size arguments are not specialised, so one variant serves every
+        request) once at start, so Triton compiles them now and not in the first request's time to
+        first token (H100, Llama-3.2-1B shapes, empty Triton cache: the first request's TTFT was
+        1.3 s, the next ones ~40 ms). Outside the scheduler: no request, no stats; the blocks go
+        back to the pool."""
         bs = self.pool.block_size
         bounds = [b for b in (0, 8, 48, 148) if b < self.max_model_len]
         n = bounds[-1]
@@ -486,7 +489,9 @@ class EngineCore:
             buf = self.runner.gather_blocks(blocks)
             kv_checksum(buf)
             self.runner.scatter_blocks(buf, blocks)
-            if self.device.type == "cuda":
+            if self.device.type == "cuda":  # a cuda_ipc sink's copy + checksum, both export kinds
+                copy_with_wsum32x2(buf.reshape(-1).view(torch.uint8), torch.empty_like(buf))
+                copy_with_wsum32x2(buf, torch.empty_like(buf))
                 torch.cuda.synchronize(self.device)
         finally:
             self.pool.free(blocks)
