@@ -33,6 +33,7 @@ from baton.workers.kv_handle import (
 )
 from baton.workers.roles import EngineLoop, PrefillRole
 from baton.workers.sampling_params import SamplingParams
+from test_transfer import held
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -182,23 +183,6 @@ def test_prefill_gathers_into_the_arena_and_frees_on_ack_and_expiry(prefill_with
 
 
 # -- receive_verified, default path (no GPU) -------------------------------------------------------
-def _held(rid: str) -> tuple[KVHandle, torch.Tensor]:
-    buf = torch.randn(2, 2, 3, 16, 2, 16)
-    h = KVHandle(
-        "p0",
-        rid,
-        (1, 2, 3),
-        tuple(buf.shape),
-        dtype_name(buf.dtype),
-        KV_LAYOUT,
-        kv_checksum(buf),
-        default_algo(buf),
-        time.time() + 30,
-        48,
-    )
-    return h, buf
-
-
 def _concurrently(send, receive):
     """Run the source's ``send`` beside the sink's ``receive`` (a pair transfer); receive's result."""
     errs: list[BaseException] = []
@@ -224,7 +208,7 @@ def test_receive_verified_default_catches_injected_corruption():
     # gloo needs no generated gRPC stubs (the GPU box has no grpc_tools)
     src = make_transport("gloo", worker_id="p0", timeout_s=5.0)
     dst = make_transport("gloo", worker_id="d0", timeout_s=5.0)
-    table = dict([("a", _held("a"))])
+    table = dict([("a", held("a"))])
     endpoint = src.serve(table.get)
     try:
         _concurrently(
