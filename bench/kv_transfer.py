@@ -7,10 +7,11 @@ cluster): the source holds a KV-shaped buffer and serves it through the transpor
 does (cuda_ipc: inside its export arena, ``--ipc-arena-mib``, 0 = one IPC handle per export); the sink calls
 ``receive_verified``, as a decode worker does. The smallest handle is one block (16 tokens = 2 MiB). Times are
 wall-clock per transfer (p50 over ``--iters``, the first left out: it opens the source's arena), including the
-checksum on receipt. Limits: a plain device copy and, on CUDA, the fused copy+checksum kernels (wsum32x2,
-the default, and wsum64), the checksum alone (what the nccl sink adds) and NCCL. For cuda_ipc each row also
+checksum on receipt. Limits: a plain device copy and, on CUDA, the copy verified on the device (what the
+cuda_ipc sink runs: ``verified_copy``), the fused copy+checksum kernels with a host comparison (wsum32x2 and
+wsum64, older handles), the checksum alone (what the nccl sink adds) and NCCL. For cuda_ipc each row also
 splits the sink's verified receive into its CPU-side steps (``steps_us``: parse, allocate, launch, sync +
-digest; medians of separate runs after the timed ones).
+verdict; medians of separate runs after the timed ones).
 
     python -m bench.kv_transfer --device cuda --out bench/results/kv_transfer.json
     python -m bench.kv_transfer --device cuda --transports cuda_ipc --sizes-mib 4 16 64 256 --iters 20
@@ -30,12 +31,14 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 from baton.workers.kv_handle import (
+    ALGO_WSUM32,
     KV_LAYOUT,
     KVHandle,
     default_algo,
     dtype_name,
     kv_checksum,
     verify,
+    wsum32_expected,
 )
 
 # Llama-3-8B KV geometry: 32 layers, 8 KV heads, head_dim 128, bf16 -> 128 KiB per token.
@@ -155,25 +158,35 @@ def _sink(name: str, device: str, iters: int, conn, out, w32: str | None = None)
 
 def _ipc_steps(t, h: KVHandle, payload: bytes, iters: int) -> dict:
     """The cuda_ipc sink's verified receive, step by step (what ``receive_verified`` does for an
-    arena export), medians in microseconds: where its fixed cost goes."""
+    arena export), medians in microseconds: where its fixed cost goes. Default checksum: parse,
+    allocate, launch (the direct launch of the compiled copy+verify kernel), sync + verdict; older
+    checksums: parse, allocate, launch of the fused copy, sync + host digest."""
     from baton.cluster.transfer.cuda_ipc import ArenaRef, decode_payload
+    from baton.kernels.checksum import verified_copier
     from baton.workers.kv_handle import torch_dtype
 
+    on_device = h.checksum_algo == ALGO_WSUM32
+    copier = verified_copier(t.device)
     copy_fn, digest_fn = t._fused[h.checksum_algo]
-    steps: dict[str, list[float]] = {k: [] for k in ("parse", "alloc", "launch", "sync_digest")}
+    steps: dict[str, list[float]] = {k: [] for k in ("parse", "alloc", "launch", "sync_verdict")}
     for _ in range(max(iters, 3)):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         ref = decode_payload(payload)
         if not isinstance(ref, ArenaRef):
             return {}
-        src = t._arena_view(ref)[ref.offset : ref.offset + ref.nbytes]
+        arena = t._arena_view(ref)
         t1 = time.perf_counter()
         dst = torch.empty(h.shape, dtype=torch_dtype(h.dtype), device=t.device)
         t2 = time.perf_counter()
-        sums = copy_fn(src, dst)
-        t3 = time.perf_counter()
-        ok = digest_fn(sums, dst.numel(), h.shape) == h.checksum
+        if on_device:
+            slot = copier.launch(arena, dst, ref.nbytes, wsum32_expected(h.checksum), ref.offset)
+            t3 = time.perf_counter()
+            ok = copier.wait(slot)
+        else:
+            sums = copy_fn(arena[ref.offset : ref.offset + ref.nbytes], dst)
+            t3 = time.perf_counter()
+            ok = digest_fn(sums, dst.numel(), h.shape) == h.checksum
         t4 = time.perf_counter()
         assert ok, "checksum mismatch in the step-by-step run"
         for k, v in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
@@ -240,6 +253,17 @@ def bench_kernel(device: str, sizes: list[int], iters: int, kernel: str) -> list
     partials' trip to the host (the digest's sync) included, as the sink pays it."""
     from baton.kernels import checksum
 
+    if kernel == "verified_copy":  # the cuda_ipc sink's default: compared on the device
+        copier = checksum.VerifiedCopier(device)
+        expected: dict[int, tuple[int, int]] = {}
+
+        def verified(src: torch.Tensor, dst: torch.Tensor) -> None:
+            if src.data_ptr() not in expected:
+                expected[src.data_ptr()] = wsum32_expected(kv_checksum(src, ALGO_WSUM32))
+            nbytes = src.numel() * src.element_size()
+            assert copier.copy(src, dst, nbytes, expected[src.data_ptr()])
+
+        return _time_per_size(device, sizes, iters, verified)
     fn = getattr(checksum, kernel)
 
     def run(src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -392,7 +416,7 @@ def main() -> None:
     result["limits"] = {"copy": bench_copy(args.device, args.sizes_mib, args.iters)}
     result["ipc_arena_mib"] = args.ipc_arena_mib
     if cuda:
-        for kernel in ("copy_with_wsum32x2", "copy_with_wsum64", "wsum32x2"):
+        for kernel in ("verified_copy", "copy_with_wsum32x2", "copy_with_wsum64", "wsum32x2"):
             result["limits"][kernel] = bench_kernel(args.device, args.sizes_mib, args.iters, kernel)
     if cuda and not args.no_nccl_limit:
         result["limits"]["nccl_send_recv"] = bench_nccl_limit(args.sizes_mib, args.iters)

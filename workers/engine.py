@@ -29,13 +29,13 @@ from typing import Any, Sequence
 
 import torch
 from baton.kernels.attention import LayerAttentionParams, get_backend
-from baton.kernels.checksum import copy_with_wsum32x2
+from baton.kernels.checksum import copy_with_wsum32x2, verified_copier
 from baton.workers.block_hash import CacheIdentity
 from baton.workers.block_pool import BlockPool
 from baton.workers.cache_events import CacheEvent
 from baton.workers.config import EngineConfig
 from baton.workers.detokenizer import IncrementalDetokenizer
-from baton.workers.kv_handle import kv_checksum
+from baton.workers.kv_handle import ALGO_WSUM32, kv_checksum, wsum32_expected
 from baton.workers.model_runner import ModelRunner, block_bytes, kv_cache_dtype_for
 from baton.workers.outputs import CompletionOutput, RequestOutput
 from baton.workers.request import Request, RequestStatus
@@ -492,9 +492,23 @@ class EngineCore:
             if self.device.type == "cuda":  # a cuda_ipc sink's copy + checksum, both export kinds
                 copy_with_wsum32x2(buf.reshape(-1).view(torch.uint8), torch.empty_like(buf))
                 copy_with_wsum32x2(buf, torch.empty_like(buf))
+                self._warm_verified_copy(buf.reshape(-1).view(torch.uint8))
                 torch.cuda.synchronize(self.device)
         finally:
             self.pool.free(blocks)
+
+    def _warm_verified_copy(self, raw: torch.Tensor) -> None:
+        """Compile the device-verified copy (a cuda_ipc sink's receive) with and without a tail
+        block, and check that its verdict works here: a wrong sum must say mismatch."""
+        copier = verified_copier(self.device)
+        for n in (raw.numel(), raw.numel() - 4):
+            if n >= 4:
+                src = raw[:n]
+                want = wsum32_expected(kv_checksum(src, ALGO_WSUM32))
+                assert want is not None
+                dst = torch.empty_like(src)
+                if not copier.copy(src, dst, n, want) or copier.copy(src, dst, n, (~want[0], 0)):
+                    raise RuntimeError("the device-verified copy gave a wrong verdict")
 
     @torch.inference_mode()  # the runner's logits are inference tensors; penalties edit them in place
     def _sample(self, logits: torch.Tensor, chunks: list[Any]) -> dict[str, list[int]]:

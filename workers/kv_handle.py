@@ -5,11 +5,13 @@ unit of transfer), who holds it, and until when (``lease_deadline``, wall-clock 
 in every process). It carries no transport detail: transports add what they need beside it.
 
 Checksums: on CPU, BLAKE2b over the raw bytes. On CUDA, hashing the bytes would need a device-to-host copy of the
-whole buffer, so position-weighted word sums are computed on the device and only those two scalars are hashed
-with BLAKE2b. ``wsum32x2`` (the CUDA default) reads the bytes as int32 words ``x_i`` and takes
-``sum (2i+1) * x_i`` and ``sum x_i``, both mod 2**32: int32 arithmetic only, so the Triton kernel runs at copy
-bandwidth. The weights are odd, hence invertible mod 2**32, so any single corrupted 32-bit word changes the
-weighted sum (and the plain one). ``wsum64`` (64-bit sums, the previous default) still verifies older handles.
+whole buffer, so position-weighted word sums are computed on the device. ``wsum32x2`` (the CUDA default) reads
+the bytes as int32 words ``x_i`` and takes ``sum (2i+1) * x_i`` and ``sum x_i``, both mod 2**32: int32
+arithmetic only, so the Triton kernel runs at copy bandwidth. The weights are odd, hence invertible mod 2**32,
+so any single corrupted 32-bit word changes the weighted sum (and the plain one). Its checksum string is the
+two sums themselves (16 hex digits; shape and dtype are checked beside it), so a receiver can compare on the
+device without a host round trip (cuda_ipc's verified copy). Older handles still verify: ``wsum32x2+blake2b``
+(the same sums hashed with BLAKE2b together with numel and shape) and ``wsum64`` (64-bit sums, hashed).
 The algorithm is named in the handle, so the receiver verifies with the sender's algorithm whatever its own
 device. On CUDA each sum is one Triton pass (``baton.kernels.checksum``, also fused into the cuda_ipc sink's
 copy); ``wsum32x2_reference`` / ``wsum64_reference`` here are their plain-torch references and the CPU path.
@@ -26,7 +28,8 @@ import torch
 KV_LAYOUT = "L,2,blocks,block_size,kv_heads,head_dim"
 ALGO_BLAKE2B = "blake2b"
 ALGO_WSUM = "wsum64+blake2b"  # handles made before wsum32x2: still verified
-ALGO_WSUM32 = "wsum32x2+blake2b"
+ALGO_WSUM32 = "wsum32x2"  # the CUDA default: the checksum is the two sums, in hex
+ALGO_WSUM32_B2 = "wsum32x2+blake2b"  # handles made before the sums travelled in the clear
 _WSUM_COLS = 4096
 _MASK32 = 0xFFFFFFFF
 _REF_CHUNK = 1 << 22  # words per reference step (bounds its int64 temporaries to 32 MiB each)
@@ -124,10 +127,29 @@ def wsum32_fold(parts: torch.Tensor) -> tuple[int, int]:
 
 
 def wsum32_digest(parts: torch.Tensor, numel: int, shape: tuple[int, ...]) -> str:
-    """The ``ALGO_WSUM32`` checksum from the partials of a tensor with ``numel``/``shape``."""
+    """The ``ALGO_WSUM32`` checksum from the partials: the two sums as 16 hex digits (``numel``
+    and ``shape`` are unused: the handle carries them, and ``verify`` checks them)."""
+    w, p = wsum32_fold(parts)
+    return f"{w:08x}{p:08x}"
+
+
+def wsum32_b2_digest(parts: torch.Tensor, numel: int, shape: tuple[int, ...]) -> str:
+    """The ``ALGO_WSUM32_B2`` checksum (older handles): the sums hashed with numel and shape."""
     w, p = wsum32_fold(parts)
     tag = f"w32:{w}:{p}:{numel}:{tuple(shape)}"
     return hashlib.blake2b(tag.encode(), digest_size=16).hexdigest()
+
+
+def wsum32_expected(checksum: str) -> tuple[int, int] | None:
+    """An ``ALGO_WSUM32`` checksum's (weighted, plain) sums as signed int32 values (what a device
+    comparison takes), or None when the string is not 16 hex digits."""
+    if len(checksum) != 16:
+        return None
+    try:
+        w, p = int(checksum[:8], 16), int(checksum[8:], 16)
+    except ValueError:
+        return None
+    return w - ((w >> 31) << 32), p - ((p >> 31) << 32)
 
 
 def wsum_digest(sums: torch.Tensor, numel: int, shape: tuple[int, ...]) -> str:
@@ -146,12 +168,13 @@ def kv_checksum(buffer: torch.Tensor, algo: str | None = None) -> str:
         return hashlib.blake2b(memoryview(data), digest_size=16).hexdigest()
     cuda = buffer.device.type == "cuda"
     shape = tuple(buffer.shape)
-    if algo == ALGO_WSUM32:
+    if algo in (ALGO_WSUM32, ALGO_WSUM32_B2):
+        digest = wsum32_digest if algo == ALGO_WSUM32 else wsum32_b2_digest
         if cuda:  # one pass over the bytes (Triton)
             from baton.kernels.checksum import wsum32x2
 
-            return wsum32_digest(wsum32x2(buffer), buffer.numel(), shape)
-        return wsum32_digest(wsum32x2_reference(buffer), buffer.numel(), shape)
+            return digest(wsum32x2(buffer), buffer.numel(), shape)
+        return digest(wsum32x2_reference(buffer), buffer.numel(), shape)
     if algo == ALGO_WSUM:
         if cuda:
             from baton.kernels.checksum import wsum64

@@ -20,14 +20,15 @@ from baton.cluster.transfer.cuda_ipc import (
     TensorRef,
     decode_payload,
 )
+from baton.kernels.checksum import verified_copier
 from baton.workers.config import CacheConfig, EngineConfig
 from baton.workers.engine import EngineCore
 from baton.workers.kv_handle import (
     ALGO_WSUM,
     ALGO_WSUM32,
+    ALGO_WSUM32_B2,
     KV_LAYOUT,
     KVHandle,
-    default_algo,
     dtype_name,
     kv_checksum,
 )
@@ -244,8 +245,9 @@ def test_payloads_round_trip_and_unknown_ones_are_refused():
 
 # -- two processes on one GPU ----------------------------------------------------------------------
 def _gpu_source(arena_mib: int, conn) -> None:
-    """Holds three exports (two in one arena when it is on) and sends (handle, payload, bytes); the
-    second handle carries the older wsum64 checksum (still verified by its own fused copy)."""
+    """Holds three exports (in one arena when it is on) and sends (handle, payload, bytes): one
+    per checksum algorithm (the default wsum32x2, verified on the device for arena exports; the
+    older wsum64 and wsum32x2+blake2b, verified by their fused copies and a host comparison)."""
     import traceback
 
     try:
@@ -254,6 +256,7 @@ def _gpu_source(arena_mib: int, conn) -> None:
         )
         alloc = t.export_allocator()
         keep = []
+        algos = (ALGO_WSUM32, ALGO_WSUM, ALGO_WSUM32_B2)
         for i, n in enumerate((3, 5, 4)):
             data = torch.randn(2, 2, n, 16, 2, 64, device="cuda").to(torch.bfloat16)
             slot = alloc(tuple(data.shape), data.dtype) if alloc is not None else None
@@ -266,8 +269,8 @@ def _gpu_source(arena_mib: int, conn) -> None:
                 tuple(buf.shape),
                 dtype_name(buf.dtype),
                 KV_LAYOUT,
-                kv_checksum(buf, ALGO_WSUM if i == 1 else None),
-                ALGO_WSUM if i == 1 else default_algo(buf),
+                kv_checksum(buf, algos[i]),
+                algos[i],
                 time.time() + 60,
                 n * 16,
             )
@@ -296,15 +299,22 @@ def test_two_processes_open_the_arena_once_and_catch_corruption(arena_mib):
             assert msg[0] != "error", msg[1]
             msgs.append(msg)
         refs = [decode_payload(p) for _, p, _ in msgs]
-        assert [h.checksum_algo for h, _, _ in msgs] == [ALGO_WSUM32, ALGO_WSUM, ALGO_WSUM32]
+        assert [h.checksum_algo for h, _, _ in msgs] == [ALGO_WSUM32, ALGO_WSUM, ALGO_WSUM32_B2]
         assert all(isinstance(r, ArenaRef) for r in refs) == bool(arena_mib)
-        for h, payload, want in msgs[:2]:
-            got = sink.receive_verified(h, payload=payload)
-            assert got.device.type == "cuda" and torch.equal(got.cpu(), want)
+        copier = verified_copier("cuda")
+        direct = copier.direct_launches
+        for _ in range(2):  # the second round launches the compiled kernel directly
+            for h, payload, want in msgs:
+                got = sink.receive_verified(h, payload=payload)
+                assert got.device.type == "cuda" and torch.equal(got.cpu(), want)
         assert sink.arenas_opened == (1 if arena_mib else 0)
-        for h, payload, _ in msgs[:2]:  # the fused sums are compared, not trusted
+        assert copier.direct_launches >= direct + (1 if arena_mib else 0)
+        for h, payload, _ in msgs:  # the sums are compared, not trusted (on the device for msgs[0])
+            wrong = "0" * (16 if h.checksum_algo == ALGO_WSUM32 else 32)
             with pytest.raises(ChecksumMismatch):
-                sink.receive_verified(replace(h, checksum="0" * 32), payload=payload)
+                sink.receive_verified(replace(h, checksum=wrong), payload=payload)
+        got = sink.receive_verified(msgs[0][0], payload=msgs[0][1])  # the state was reset
+        assert torch.equal(got.cpu(), msgs[0][2])
         h, payload, want = msgs[2]
         sink.faults.corrupt_next = 1
         with pytest.raises(TransferError, match="checksum"):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from baton.kernels.checksum import (
     W32_BLOCK,
+    VerifiedCopier,
     copy_with_wsum32x2,
     copy_with_wsum64,
     wsum32x2,
@@ -16,9 +17,11 @@ from baton.kernels.checksum import (
 from baton.workers.kv_handle import (
     ALGO_WSUM,
     ALGO_WSUM32,
+    ALGO_WSUM32_B2,
     default_algo,
     kv_checksum,
     wsum32_digest,
+    wsum32_expected,
     wsum32_fold,
     wsum32x2_reference,
     wsum64_reference,
@@ -197,3 +200,41 @@ def test_wsum32x2_misaligned_views_and_default_algo():
     assert default_algo(base.cpu()) == "blake2b"  # CPU buffers hash their bytes
     if base.is_cuda:
         assert default_algo(base) == ALGO_WSUM32
+
+
+@pytest.mark.parametrize("nbytes", [4 * W32_BLOCK * 3, 4 * W32_BLOCK * 2 + 12, 8])
+def test_verified_copy_says_match_and_mismatch_on_the_device(nbytes):
+    """The copy compares its own sums with the sender's: a match copies and says so; a wrong
+    expected sum or a corrupted source says mismatch; the device state is reset after each launch
+    (a good copy after a bad one still matches), with and without a tail block, from an offset."""
+    dev = kernel_device()
+    copier = VerifiedCopier(dev, slots=2)
+    arena = _random_bytes(nbytes + 64, 21).to(dev)
+    src = arena[32 : 32 + nbytes]
+    want = wsum32_expected(kv_checksum(src, ALGO_WSUM32))
+    assert want is not None
+    assert want == wsum32_expected("%08x%08x" % tuple(wsum32x2_reference(src.cpu()).tolist()))
+    dst = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=dev)  # any dtype on the far side
+    assert copier.copy(arena, dst, nbytes, want, src_offset=32)
+    assert torch.equal(dst.view(torch.uint8), src)
+    assert not copier.copy(arena, dst, nbytes, (want[0], want[1] ^ 1), src_offset=32)
+    bad = arena.clone()
+    bad[32 + nbytes - 1] ^= 0x10  # the last byte: the tail block (or the last full one)
+    assert not copier.copy(bad, dst, nbytes, want, src_offset=32)
+    assert copier.copy(arena, dst, nbytes, want, src_offset=32)
+    with pytest.raises(ValueError, match="outside"):
+        copier.copy(arena, dst, nbytes, want, src_offset=64 + 4)
+    with pytest.raises(ValueError, match="4-byte words"):
+        copier.copy(arena, dst, nbytes - 2, want)
+    assert len(copier._free) == 2  # every slot came back, failures included
+
+
+def test_wsum32_checksum_is_its_sums_and_older_handles_still_verify():
+    buf = _random_bytes(4 * 1000 + 3, 22)
+    w, p = wsum32x2_reference(buf).tolist()
+    assert kv_checksum(buf, ALGO_WSUM32) == f"{w:08x}{p:08x}"
+    sw, sp = wsum32_expected(kv_checksum(buf, ALGO_WSUM32))
+    assert (sw % 2**32, sp % 2**32) == (w, p) and -(2**31) <= min(sw, sp) and max(sw, sp) < 2**31
+    old = kv_checksum(buf, ALGO_WSUM32_B2)
+    assert len(old) == 32 and old != kv_checksum(buf[:-1], ALGO_WSUM32_B2)
+    assert wsum32_expected(old) is None and wsum32_expected("zz" * 8) is None
