@@ -369,6 +369,8 @@ class VerifiedCopier:
         self._free = list(range(slots))
         self._lock = threading.Lock()
         self._compiled: dict[bool, object] = {}  # TAIL -> compiled kernel (CUDA)
+        self._runners: dict[tuple[bool, int], Callable] = {}  # (TAIL, grid) -> its launcher
+        self._grids: dict[int, tuple[int, int, int, bool]] = {}  # words -> _w32_grid (sizes recur)
         self._direct_ok = cuda
         self.direct_launches = 0  # how many launches skipped the JIT path (tests, benchmarks)
 
@@ -437,7 +439,10 @@ class VerifiedCopier:
         expected: tuple[int, int],
         slot: int,
     ) -> None:
-        grid, n_full, per_prog, tail = _w32_grid(n_words, self.device)
+        shape = self._grids.get(n_words)
+        if shape is None:
+            shape = self._grids.setdefault(n_words, _w32_grid(n_words, self.device))
+        grid, n_full, per_prog, tail = shape
         exp_w, exp_p = expected
         src_ptr = src.data_ptr() + src_offset
         dst_ptr = dst.data_ptr()
@@ -452,8 +457,11 @@ class VerifiedCopier:
                 else torch.cuda.device(self.device)
             )
             try:
+                runner = self._runners.get((tail, grid))
+                if runner is None:
+                    runner = self._runners.setdefault((tail, grid), compiled[(grid, 1, 1)])
                 with switch:
-                    compiled[(grid, 1, 1)](
+                    runner(
                         src_ptr, dst_ptr, dst_ptr, state, verdict, n_words, n_full, per_prog,
                         exp_w, exp_p, W32_BLOCK, True, tail, True,
                     )  # fmt: skip
