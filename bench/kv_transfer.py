@@ -179,8 +179,9 @@ def _ipc_steps(t, h: KVHandle, payload: bytes, iters: int) -> dict:
         t1 = time.perf_counter()
         dst = torch.empty(h.shape, dtype=torch_dtype(h.dtype), device=t.device)
         t2 = time.perf_counter()
-        if on_device:
-            slot = copier.launch(arena, dst, ref.nbytes, wsum32_expected(h.checksum), ref.offset)
+        if on_device:  # as the transport: a byte buffer, viewed while the GPU copies
+            raw = dst.view(-1).view(torch.uint8)
+            slot = copier.launch(arena, raw, ref.nbytes, wsum32_expected(h.checksum), ref.offset)
             t3 = time.perf_counter()
             ok = copier.wait(slot)
         else:

@@ -65,16 +65,22 @@ def _wsum32_kernel(
     COPY: tl.constexpr,
     TAIL: tl.constexpr,
     VERIFY: tl.constexpr,
+    GROUPS: tl.constexpr = 16,
+    LINE: tl.constexpr = 32,
 ):
     """Grid: (G,). Program p sums the full blocks [p * per_prog, (p + 1) * per_prog) (and the last
     program the masked block ``n_full`` when TAIL); writes part[p] (weighted), part[G + p] (plain).
     The tensors may have any dtype: their bytes are read (and written) as int32 words. Every int32
     product and sum wraps mod 2**32, as in the reference.
 
-    VERIFY: no partials; each program adds its sums into ``state[0:2]`` (int32 atomics wrap mod
-    2**32 too) and counts itself in ``state[2]``; the last program to arrive compares the totals
-    with (exp_w, exp_p), writes 1 (match) or 2 (mismatch) to ``flag[0]`` and zeroes the state for
-    the next launch: the whole verification is on the device, in the copy's own launch."""
+    VERIFY: no partials; the sums are folded with int32 atomics (they wrap mod 2**32 too) in two
+    levels, so that no address takes more than ~G/GROUPS of them (thousands of atomics on one
+    address serialise: ~10 us at 64 MiB on an H100). Program p adds its sums into its group's
+    line ``state[(1 + p % GROUPS) * LINE + 0:2]`` and counts itself at ``+2``; a group's last
+    arrival moves the group's totals into line 0 and counts the group there; the last group
+    compares the totals with (exp_w, exp_p), writes 1 (match) or 2 (mismatch) to ``flag[0]``.
+    Every line is zeroed by the program that empties it, ready for the next launch: the whole
+    verification is on the device, in the copy's own launch."""
     src = src_ptr.to(tl.pointer_type(tl.int32))
     dst = dst_ptr.to(tl.pointer_type(tl.int32))
     pid = tl.program_id(0)
@@ -108,15 +114,24 @@ def _wsum32_kernel(
     sum_w = tl.sum(acc_w, axis=0)
     sum_p = tl.sum(acc_p, axis=0)
     if VERIFY:
-        tl.atomic_add(state_ptr, sum_w)
-        tl.atomic_add(state_ptr + 1, sum_p)
-        arrived = tl.atomic_add(state_ptr + 2, 1)  # acq_rel: orders the two adds before it
-        if arrived == nprog - 1:
-            tot_w = tl.atomic_xchg(state_ptr, 0)
-            tot_p = tl.atomic_xchg(state_ptr + 1, 0)
-            tl.atomic_xchg(state_ptr + 2, 0)
-            match = (tot_w == exp_w) & (tot_p == exp_p)
-            tl.store(flag_ptr, tl.where(match, 1, 2))
+        group = pid % GROUPS
+        line = state_ptr + (1 + group) * LINE
+        tl.atomic_add(line, sum_w)
+        tl.atomic_add(line + 1, sum_p)
+        arrived = tl.atomic_add(line + 2, 1)  # acq_rel: orders the two adds before it
+        if arrived == (nprog - 1 - group) // GROUPS:  # the group's last member
+            group_w = tl.atomic_xchg(line, 0)
+            group_p = tl.atomic_xchg(line + 1, 0)
+            tl.atomic_xchg(line + 2, 0)
+            tl.atomic_add(state_ptr, group_w)
+            tl.atomic_add(state_ptr + 1, group_p)
+            groups_in = tl.atomic_add(state_ptr + 2, 1)
+            if groups_in == tl.minimum(nprog, GROUPS) - 1:  # the last group
+                tot_w = tl.atomic_xchg(state_ptr, 0)
+                tot_p = tl.atomic_xchg(state_ptr + 1, 0)
+                tl.atomic_xchg(state_ptr + 2, 0)
+                match = (tot_w == exp_w) & (tot_p == exp_p)
+                tl.store(flag_ptr, tl.where(match, 1, 2))
     else:
         tl.store(part_ptr + pid, sum_w)
         tl.store(part_ptr + nprog + pid, sum_p)
@@ -344,7 +359,10 @@ def copy_with_wsum64(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
 
 
 # -- copy verified on the device ------------------------------------------------------------------
-_SLOT_WORDS = 4  # int32 per slot (16 bytes: every slot pointer keeps Triton's 16-byte alignment)
+_GROUPS = 16  # the kernel's GROUPS: first-level accumulators per verified copy
+_LINE = 32  # the kernel's LINE: int32 per accumulator line (128 bytes: one cache line each)
+_SLOT_WORDS = (1 + _GROUPS) * _LINE  # int32 of device state per slot (keeps 16-byte alignment)
+_VERDICT_WORDS = 4  # int32 per verdict (16 bytes: every verdict pointer stays 16-byte aligned)
 _ALIGN = 16
 
 
@@ -364,7 +382,7 @@ class VerifiedCopier:
         self.device = _indexed(torch.device(device))
         cuda = self.device.type == "cuda"
         self._state = torch.zeros(slots, _SLOT_WORDS, dtype=torch.int32, device=self.device)
-        self._verdicts = torch.zeros(slots, _SLOT_WORDS, dtype=torch.int32, pin_memory=cuda)
+        self._verdicts = torch.zeros(slots, _VERDICT_WORDS, dtype=torch.int32, pin_memory=cuda)
         self._verdict_view = self._verdicts.numpy()  # the host's view of the kernel's writes
         self._free = list(range(slots))
         self._lock = threading.Lock()
@@ -398,10 +416,10 @@ class VerifiedCopier:
     ) -> int:
         """Enqueue the copy on this device's current stream; returns the slot ``wait`` takes.
         ``nbytes`` must be a multiple of 4 (KV buffers always are) and match ``dst``."""
-        if nbytes <= 0 or nbytes % 4 or nbytes != _nbytes(dst) or not dst.is_contiguous():
+        if nbytes <= 0 or nbytes % 4 or nbytes != dst.nbytes or not dst.is_contiguous():
             raise ValueError(f"a verified copy needs 4-byte words and a {nbytes}-byte dst")
-        if src_offset < 0 or src_offset + nbytes > _nbytes(src):
-            raise ValueError(f"bytes [{src_offset}, +{nbytes}) lie outside the source")
+        if not src.is_contiguous() or src_offset < 0 or src_offset + nbytes > src.nbytes:
+            raise ValueError(f"bytes [{src_offset}, +{nbytes}) lie outside the (contiguous) source")
         with self._lock:
             if not self._free:
                 raise RuntimeError("all verified-copy slots are in use")
@@ -450,7 +468,7 @@ class VerifiedCopier:
         compiled = self._compiled.get(tail)
         if compiled is not None and self._direct_ok and aligned:
             state = self._state.data_ptr() + slot * _SLOT_WORDS * 4
-            verdict = self._verdicts.data_ptr() + slot * _SLOT_WORDS * 4
+            verdict = self._verdicts.data_ptr() + slot * _VERDICT_WORDS * 4
             switch = (
                 nullcontext()
                 if torch.cuda.current_device() == self.device.index
@@ -463,7 +481,7 @@ class VerifiedCopier:
                 with switch:
                     runner(
                         src_ptr, dst_ptr, dst_ptr, state, verdict, n_words, n_full, per_prog,
-                        exp_w, exp_p, W32_BLOCK, True, tail, True,
+                        exp_w, exp_p, W32_BLOCK, True, tail, True, _GROUPS, _LINE,
                     )  # fmt: skip
                 self.direct_launches += 1
                 return
@@ -477,7 +495,8 @@ class VerifiedCopier:
             ran = _wsum32_kernel[(grid,)](
                 src_bytes, _kernel_arg(dst), dst, self._state[slot], self._verdicts[slot],
                 n_words, n_full, per_prog, exp_w, exp_p,
-                BLOCK=W32_BLOCK, COPY=True, TAIL=tail, VERIFY=True, num_warps=_W32_WARPS,
+                BLOCK=W32_BLOCK, COPY=True, TAIL=tail, VERIFY=True, GROUPS=_GROUPS, LINE=_LINE,
+                num_warps=_W32_WARPS,
             )  # fmt: skip
         if self._direct_ok and aligned and tail not in self._compiled:
             self._compiled[tail] = ran  # compiled for 16-byte aligned pointers: reuse directly

@@ -202,11 +202,16 @@ def test_wsum32x2_misaligned_views_and_default_algo():
         assert default_algo(base) == ALGO_WSUM32
 
 
-@pytest.mark.parametrize("nbytes", [4 * W32_BLOCK * 3, 4 * W32_BLOCK * 2 + 12, 8])
-def test_verified_copy_says_match_and_mismatch_on_the_device(nbytes):
+@pytest.mark.parametrize("groups", [16, 3])
+@pytest.mark.parametrize("nbytes", [4 * W32_BLOCK * 8, 4 * W32_BLOCK * 4 + 12, 8])
+def test_verified_copy_says_match_and_mismatch_on_the_device(nbytes, groups, monkeypatch):
     """The copy compares its own sums with the sender's: a match copies and says so; a wrong
     expected sum or a corrupted source says mismatch; the device state is reset after each launch
-    (a good copy after a bad one still matches), with and without a tail block, from an offset."""
+    (a good copy after a bad one still matches), with and without a tail block, from an offset.
+    ``groups`` 3: the first-level groups of the fold hold several programs, unevenly."""
+    from baton.kernels import checksum
+
+    monkeypatch.setattr(checksum, "_GROUPS", groups)
     dev = kernel_device()
     copier = VerifiedCopier(dev, slots=2)
     arena = _random_bytes(nbytes + 64, 21).to(dev)
