@@ -67,6 +67,7 @@ def _wsum32_kernel(
     VERIFY: tl.constexpr,
     GROUPS: tl.constexpr = 16,
     LINE: tl.constexpr = 32,
+    ADD_SEM: tl.constexpr = "relaxed",
 ):
     """Grid: (G,). Program p sums the full blocks [p * per_prog, (p + 1) * per_prog) (and the last
     program the masked block ``n_full`` when TAIL); writes part[p] (weighted), part[G + p] (plain).
@@ -80,7 +81,10 @@ def _wsum32_kernel(
     arrival moves the group's totals into line 0 and counts the group there; the last group
     compares the totals with (exp_w, exp_p), writes 1 (match) or 2 (mismatch) to ``flag[0]``.
     Every line is zeroed by the program that empties it, ready for the next launch: the whole
-    verification is on the device, in the copy's own launch."""
+    verification is on the device, in the copy's own launch. The sums go in with relaxed atomics
+    and only the arrival counts are acq_rel (each acq_rel atomic is a fence that waits for the
+    program's copy stores to land): the count's release orders the program's adds before it, its
+    acquire in the last arrival makes every counted add visible to the exchange that follows."""
     src = src_ptr.to(tl.pointer_type(tl.int32))
     dst = dst_ptr.to(tl.pointer_type(tl.int32))
     pid = tl.program_id(0)
@@ -116,15 +120,15 @@ def _wsum32_kernel(
     if VERIFY:
         group = pid % GROUPS
         line = state_ptr + (1 + group) * LINE
-        tl.atomic_add(line, sum_w)
-        tl.atomic_add(line + 1, sum_p)
+        tl.atomic_add(line, sum_w, sem=ADD_SEM)
+        tl.atomic_add(line + 1, sum_p, sem=ADD_SEM)
         arrived = tl.atomic_add(line + 2, 1)  # acq_rel: orders the two adds before it
         if arrived == (nprog - 1 - group) // GROUPS:  # the group's last member
             group_w = tl.atomic_xchg(line, 0)
             group_p = tl.atomic_xchg(line + 1, 0)
             tl.atomic_xchg(line + 2, 0)
-            tl.atomic_add(state_ptr, group_w)
-            tl.atomic_add(state_ptr + 1, group_p)
+            tl.atomic_add(state_ptr, group_w, sem=ADD_SEM)
+            tl.atomic_add(state_ptr + 1, group_p, sem=ADD_SEM)
             groups_in = tl.atomic_add(state_ptr + 2, 1)
             if groups_in == tl.minimum(nprog, GROUPS) - 1:  # the last group
                 tot_w = tl.atomic_xchg(state_ptr, 0)
