@@ -392,6 +392,7 @@ class VerifiedCopier:
         self._lock = threading.Lock()
         self._compiled: dict[bool, object] = {}  # TAIL -> compiled kernel (CUDA)
         self._runners: dict[tuple[bool, int], Callable] = {}  # (TAIL, grid) -> its launcher
+        self._constexprs: dict[bool, tuple] = {}  # TAIL -> the constexprs, in parameter order
         self._grids: dict[int, tuple[int, int, int, bool]] = {}  # words -> _w32_grid (sizes recur)
         self._direct_ok = cuda
         self.direct_launches = 0  # how many launches skipped the JIT path (tests, benchmarks)
@@ -485,7 +486,7 @@ class VerifiedCopier:
                 with switch:
                     runner(
                         src_ptr, dst_ptr, dst_ptr, state, verdict, n_words, n_full, per_prog,
-                        exp_w, exp_p, W32_BLOCK, True, tail, True, _GROUPS, _LINE,
+                        exp_w, exp_p, *self._constexprs[tail],
                     )  # fmt: skip
                 self.direct_launches += 1
                 return
@@ -499,11 +500,21 @@ class VerifiedCopier:
             ran = _wsum32_kernel[(grid,)](
                 src_bytes, _kernel_arg(dst), dst, self._state[slot], self._verdicts[slot],
                 n_words, n_full, per_prog, exp_w, exp_p,
-                BLOCK=W32_BLOCK, COPY=True, TAIL=tail, VERIFY=True, GROUPS=_GROUPS, LINE=_LINE,
-                num_warps=_W32_WARPS,
+                **self._constexpr_kw(tail), num_warps=_W32_WARPS,
             )  # fmt: skip
         if self._direct_ok and aligned and tail not in self._compiled:
             self._compiled[tail] = ran  # compiled for 16-byte aligned pointers: reuse directly
+            kw = self._constexpr_kw(tail)
+            self._constexprs[tail] = tuple(kw[n] for n in _wsum32_kernel.arg_names if n in kw)
+
+    @staticmethod
+    def _constexpr_kw(tail: bool) -> dict:
+        """The verify variant's constexprs; a direct launch passes them positionally, in the
+        kernel's parameter order (defaulted ones included: the launcher takes every one)."""
+        return dict(
+            BLOCK=W32_BLOCK, COPY=True, TAIL=tail, VERIFY=True, GROUPS=_GROUPS, LINE=_LINE,
+            ADD_SEM="relaxed",
+        )  # fmt: skip
 
 
 def _indexed(device: torch.device) -> torch.device:
