@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from contextlib import nullcontext
 from typing import Callable, ContextManager
 
@@ -47,6 +48,15 @@ _MASK32 = 0xFFFFFFFF
 
 
 # -- wsum32x2 -----------------------------------------------------------------------------------
+@triton.jit
+def _fence_sys():
+    """A system-scope fence (PTX ``fence.sc.sys``): what the thread wrote, and what it acquired,
+    is visible to the host before anything it writes next (the verdict the host polls)."""
+    tl.inline_asm_elementwise(
+        "fence.sc.sys;\n\tmov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1
+    )
+
+
 # Sizes vary per transfer: specialising on them (==1, %16) would compile new variants on the first
 # transfers of new size classes, on the request's path; they only bound loops and the tail mask.
 @triton.jit(do_not_specialize=["n_words", "n_full", "per_prog", "exp_w", "exp_p"])
@@ -68,6 +78,7 @@ def _wsum32_kernel(
     GROUPS: tl.constexpr = 16,
     LINE: tl.constexpr = 32,
     ADD_SEM: tl.constexpr = "relaxed",
+    SYS_FENCE: tl.constexpr = False,
 ):
     """Grid: (G,). Program p sums the full blocks [p * per_prog, (p + 1) * per_prog) (and the last
     program the masked block ``n_full`` when TAIL); writes part[p] (weighted), part[G + p] (plain).
@@ -80,7 +91,9 @@ def _wsum32_kernel(
     line ``state[(1 + p % GROUPS) * LINE + 0:2]`` and counts itself at ``+2``; a group's last
     arrival moves the group's totals into line 0 and counts the group there; the last group
     compares the totals with (exp_w, exp_p), writes 1 (match) or 2 (mismatch) to ``flag[0]``.
-    Every line is zeroed by the program that empties it, ready for the next launch: the whole
+    SYS_FENCE (GPU): the verdict is written after a system-scope fence, so a host that sees it
+    may use the copy without a stream sync. Every line is zeroed by the program that empties it,
+    ready for the next launch: the whole
     verification is on the device, in the copy's own launch. The sums go in with relaxed atomics
     and only the arrival counts are acq_rel (each acq_rel atomic is a fence that waits for the
     program's copy stores to land): the count's release orders the program's adds before it, its
@@ -135,6 +148,8 @@ def _wsum32_kernel(
                 tot_p = tl.atomic_xchg(state_ptr + 1, 0)
                 tl.atomic_xchg(state_ptr + 2, 0)
                 match = (tot_w == exp_w) & (tot_p == exp_p)
+                if SYS_FENCE:  # every write above (and the copy's, acquired) before the verdict
+                    _fence_sys()
                 tl.store(flag_ptr, tl.where(match, 1, 2))
     else:
         tl.store(part_ptr + pid, sum_w)
@@ -372,30 +387,35 @@ _ALIGN = 16
 
 class VerifiedCopier:
     """Copies bytes and checks their ``wsum32x2`` sums against the sender's in the same launch,
-    so a verified receive costs one launch and one stream sync: no partials to fetch, no host fold.
+    so a verified receive costs one launch and no host fold.
 
     Built for the cuda_ipc sink, whose fixed cost per transfer is host time (a 64 MiB copy is
-    ~50 us of GPU time on an H100). On CUDA, once a kernel variant is compiled (first use, or the
-    engine's warm-up), launches go straight to the compiled kernel with integer pointers: no JIT
+    ~50 us of GPU time on an H100, a Python-driven launch and sync ~20-30 us of host time). On
+    CUDA, once a kernel variant is compiled (first use, or the engine's warm-up), launches go
+    straight to the compiled kernel's launcher with integer pointers and the stream: no JIT
     dispatch, no ``cuPointerGetAttribute`` per pointer. Each launch takes a slot: device state
-    (two running sums and an arrival count, zeroed again by the kernel) and a verdict word in
-    pinned host memory the kernel writes and the host reads after the sync. Slots make concurrent
-    receives (several threads, streams) independent. Thread-safe."""
+    (running sums and arrival counts, zeroed again by the kernel) and a verdict word in pinned
+    host memory that the kernel writes last, after a system-scope fence; ``wait`` polls that word
+    instead of synchronising the stream (the same handshake NCCL's proxies use), and falls back
+    to a stream sync after ``spin_s``. Slots make concurrent receives (several threads, streams)
+    independent. Thread-safe."""
 
-    def __init__(self, device: torch.device | str, slots: int = 64) -> None:
+    def __init__(self, device: torch.device | str, slots: int = 64, spin_s: float = 0.002) -> None:
         self.device = _indexed(torch.device(device))
         cuda = self.device.type == "cuda"
+        self.spin_s = spin_s
         self._state = torch.zeros(slots, _SLOT_WORDS, dtype=torch.int32, device=self.device)
         self._verdicts = torch.zeros(slots, _VERDICT_WORDS, dtype=torch.int32, pin_memory=cuda)
         self._verdict_view = self._verdicts.numpy()  # the host's view of the kernel's writes
+        self._streams: list[int] = [0] * slots  # the stream each slot's copy went on
         self._free = list(range(slots))
         self._lock = threading.Lock()
         self._compiled: dict[bool, object] = {}  # TAIL -> compiled kernel (CUDA)
-        self._runners: dict[tuple[bool, int], Callable] = {}  # (TAIL, grid) -> its launcher
         self._constexprs: dict[bool, tuple] = {}  # TAIL -> the constexprs, in parameter order
         self._grids: dict[int, tuple[int, int, int, bool]] = {}  # words -> _w32_grid (sizes recur)
         self._direct_ok = cuda
         self.direct_launches = 0  # how many launches skipped the JIT path (tests, benchmarks)
+        self.stream_syncs = 0  # waits that fell back to a stream sync (tests, benchmarks)
 
     def copy(
         self,
@@ -438,16 +458,38 @@ class VerifiedCopier:
         return slot
 
     def wait(self, slot: int) -> bool:
-        """Wait for the slot's copy (its stream) and return its verdict; frees the slot."""
+        """The slot's verdict once its copy is complete; frees the slot."""
         try:
-            if self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).synchronize()
-            verdict = int(self._verdict_view[slot, 0])
+            verdict = self._poll(slot) if self.device.type == "cuda" else 0
+            if verdict == 0:
+                self.stream_syncs += int(self.device.type == "cuda")
+                self._sync(slot)
+                verdict = int(self._verdict_view[slot, 0])
         finally:
             self._release(slot)
         if verdict == 0:
             raise RuntimeError("the verified copy left no verdict")
         return verdict == 1
+
+    def _poll(self, slot: int) -> int:
+        """Spin on the slot's verdict word for up to ``spin_s`` (0: not there yet)."""
+        view, deadline = self._verdict_view, time.perf_counter() + self.spin_s
+        while True:
+            for _ in range(256):
+                verdict = int(view[slot, 0])
+                if verdict:
+                    return verdict
+            if time.perf_counter() > deadline:
+                return 0
+
+    def _sync(self, slot: int) -> None:
+        if self.device.type != "cuda":
+            return
+        raw = self._streams[slot]
+        if raw:  # the stream of a direct launch
+            torch.cuda.ExternalStream(raw, device=self.device).synchronize()
+        else:
+            torch.cuda.current_stream(self.device).synchronize()
 
     def _release(self, slot: int) -> None:
         with self._lock:
@@ -471,23 +513,26 @@ class VerifiedCopier:
         dst_ptr = dst.data_ptr()
         aligned = not (src_ptr | dst_ptr) % _ALIGN
         compiled = self._compiled.get(tail)
+        self._streams[slot] = 0
         if compiled is not None and self._direct_ok and aligned:
             state = self._state.data_ptr() + slot * _SLOT_WORDS * 4
             verdict = self._verdicts.data_ptr() + slot * _VERDICT_WORDS * 4
+            index = self.device.index
             switch = (
                 nullcontext()
-                if torch.cuda.current_device() == self.device.index
+                if torch.cuda.current_device() == index
                 else torch.cuda.device(self.device)
             )
             try:
-                runner = self._runners.get((tail, grid))
-                if runner is None:
-                    runner = self._runners.setdefault((tail, grid), compiled[(grid, 1, 1)])
                 with switch:
-                    runner(
+                    stream = torch._C._cuda_getCurrentRawStream(index)
+                    compiled.run(
+                        grid, 1, 1, stream, compiled.function, compiled.packed_metadata,
+                        None, None, None,  # launch metadata and hooks: none on this path
                         src_ptr, dst_ptr, dst_ptr, state, verdict, n_words, n_full, per_prog,
                         exp_w, exp_p, *self._constexprs[tail],
                     )  # fmt: skip
+                self._streams[slot] = stream
                 self.direct_launches += 1
                 return
             except (TypeError, ValueError, AttributeError) as exc:  # another Triton's launcher
@@ -507,13 +552,12 @@ class VerifiedCopier:
             kw = self._constexpr_kw(tail)
             self._constexprs[tail] = tuple(kw[n] for n in _wsum32_kernel.arg_names if n in kw)
 
-    @staticmethod
-    def _constexpr_kw(tail: bool) -> dict:
+    def _constexpr_kw(self, tail: bool) -> dict:
         """The verify variant's constexprs; a direct launch passes them positionally, in the
         kernel's parameter order (defaulted ones included: the launcher takes every one)."""
         return dict(
             BLOCK=W32_BLOCK, COPY=True, TAIL=tail, VERIFY=True, GROUPS=_GROUPS, LINE=_LINE,
-            ADD_SEM="relaxed",
+            ADD_SEM="relaxed", SYS_FENCE=self.device.type == "cuda",
         )  # fmt: skip
 
 

@@ -302,13 +302,14 @@ def test_two_processes_open_the_arena_once_and_catch_corruption(arena_mib):
         assert [h.checksum_algo for h, _, _ in msgs] == [ALGO_WSUM32, ALGO_WSUM, ALGO_WSUM32_B2]
         assert all(isinstance(r, ArenaRef) for r in refs) == bool(arena_mib)
         copier = verified_copier("cuda")
-        direct = copier.direct_launches
+        direct, syncs = copier.direct_launches, copier.stream_syncs
         for _ in range(2):  # the second round launches the compiled kernel directly
             for h, payload, want in msgs:
                 got = sink.receive_verified(h, payload=payload)
                 assert got.device.type == "cuda" and torch.equal(got.cpu(), want)
         assert sink.arenas_opened == (1 if arena_mib else 0)
         assert copier.direct_launches >= direct + (1 if arena_mib else 0)
+        assert copier.stream_syncs == syncs  # verdicts polled from pinned memory
         for h, payload, _ in msgs:  # the sums are compared, not trusted (on the device for msgs[0])
             wrong = "0" * (16 if h.checksum_algo == ALGO_WSUM32 else 32)
             with pytest.raises(ChecksumMismatch):

@@ -243,3 +243,30 @@ def test_wsum32_checksum_is_its_sums_and_older_handles_still_verify():
     old = kv_checksum(buf, ALGO_WSUM32_B2)
     assert len(old) == 32 and old != kv_checksum(buf[:-1], ALGO_WSUM32_B2)
     assert wsum32_expected(old) is None and wsum32_expected("zz" * 8) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_verified_copy_direct_launches_and_polled_verdicts_hold_up():
+    """GPU: after the first (JIT) launch of each variant, copies go through the compiled kernel's
+    launcher and the host reads the verdict the kernel wrote after its system fence, with no
+    stream sync: 300 copies of varied sizes and offsets, interleaved with wrong sums, every verdict
+    right and every byte copied (a missing fence or a racy fold would show up as a wrong verdict
+    or stale bytes here)."""
+    copier = VerifiedCopier("cuda", slots=4)
+    gen = torch.Generator().manual_seed(31)
+    arena = torch.randint(-(2**31), 2**31 - 1, (1 << 20,), dtype=torch.int32, generator=gen)
+    arena = arena.cuda()
+    raw = arena.view(torch.uint8)
+    for i in range(300):
+        words = int(torch.randint(1, 200_000, (1,), generator=gen))
+        off = 16 * int(torch.randint(0, 4096, (1,), generator=gen))
+        src = raw[off : off + 4 * words]
+        want = wsum32_expected(kv_checksum(src, ALGO_WSUM32))
+        dst = torch.empty(4 * words, dtype=torch.uint8, device="cuda")
+        wrong = i % 7 == 3
+        exp = (want[0], want[1] + 1) if wrong else want
+        assert copier.copy(raw, dst, 4 * words, exp, src_offset=off) != wrong
+        assert torch.equal(dst, src)
+        raw[off] ^= 1  # the next copy must see fresh bytes, not a cached verdict
+    assert copier.direct_launches >= 290 and copier.stream_syncs == 0
