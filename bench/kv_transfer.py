@@ -11,7 +11,9 @@ checksum on receipt. Limits: a plain device copy and, on CUDA, the copy verified
 cuda_ipc sink runs: ``verified_copy``), the fused copy+checksum kernels with a host comparison (wsum32x2 and
 wsum64, older handles), the checksum alone (what the nccl sink adds) and NCCL. For cuda_ipc each row also
 splits the sink's verified receive into its CPU-side steps (``steps_us``: parse, allocate, launch, sync +
-verdict; medians of separate runs after the timed ones).
+verdict; medians of separate runs after the timed ones), with the same verified copy from a local buffer
+of the sink (``local_copy``) and a fixed pure-Python loop (``python_loop``) beside them: they tell the
+mapping's cost from the sink process's own host speed.
 
     python -m bench.kv_transfer --device cuda --out bench/results/kv_transfer.json
     python -m bench.kv_transfer --device cuda --transports cuda_ipc --sizes-mib 4 16 64 256 --iters 20
@@ -192,7 +194,31 @@ def _ipc_steps(t, h: KVHandle, payload: bytes, iters: int) -> dict:
         assert ok, "checksum mismatch in the step-by-step run"
         for k, v in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             steps[k].append(v)
-    return {k: round(statistics.median(v) * 1e6, 1) for k, v in steps.items()}
+    row = {k: round(statistics.median(v) * 1e6, 1) for k, v in steps.items()}
+    if on_device:  # the same verified copy from a buffer of this process: is IPC the cost?
+        local = torch.empty(ref.nbytes, dtype=torch.uint8, device=t.device)
+        local.copy_(arena[ref.offset : ref.offset + ref.nbytes])
+        raw = torch.empty_like(local)
+        want = wsum32_expected(h.checksum)
+        times = []
+        for _ in range(max(iters, 3)):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            assert copier.copy(local, raw, ref.nbytes, want)
+            times.append(time.perf_counter() - t0)
+        row["local_copy"] = round(statistics.median(times) * 1e6, 1)
+    row["python_loop"] = python_loop_us()
+    return row
+
+
+def python_loop_us() -> float:
+    """A fixed pure-Python loop (median us): compares the host speed of this process with others'."""
+    times = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        sum(i * i for i in range(2000))
+        times.append(time.perf_counter() - t0)
+    return round(statistics.median(times) * 1e6, 1)
 
 
 def bench_transport(
@@ -415,6 +441,7 @@ def main() -> None:
         "transports": {},
     }
     result["limits"] = {"copy": bench_copy(args.device, args.sizes_mib, args.iters)}
+    result["python_loop_us"] = python_loop_us()  # this process's; cuda_ipc rows carry the sink's
     result["ipc_arena_mib"] = args.ipc_arena_mib
     if cuda:
         for kernel in ("verified_copy", "copy_with_wsum32x2", "copy_with_wsum64", "wsum32x2"):
