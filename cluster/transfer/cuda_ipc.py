@@ -344,12 +344,21 @@ class CudaIpcTransport(KVTransport):
         peer_id: str = "",
         transfer_id: int = 0,
     ) -> torch.Tensor:
-        """One pass: copy and checksum together, then compare: one launch, one host sync. An
-        injected corruption (or an algorithm with no fused copy) takes a plain copy and a full
-        recompute, like any other transport's."""
+        """One pass: copy and checksum together, then compare (on the device for an arena export
+        with the default checksum). An injected corruption (or an algorithm with no fused copy)
+        takes a plain copy and a full recompute, like any other transport's."""
         self._before_receive()
-        if self.faults.corrupt_next <= 0 and handle.checksum_algo == ALGO_WSUM32:
-            dst = self._guarded(handle, lambda: self._receive_on_device(handle, payload))
+        if (
+            handle.checksum_algo == ALGO_WSUM32
+            and payload[:4] == _ARENA_TAG
+            and self.faults.corrupt_next <= 0
+        ):
+            try:
+                dst = self._receive_on_device(handle, payload)
+            except TransferError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every transport failure means "recompute"
+                raise TransferError(f"cuda_ipc receive of {handle.request_id!r}: {exc}") from exc
             if dst is not None:
                 return dst
         fused = self._fused.get(handle.checksum_algo)
@@ -373,11 +382,14 @@ class CudaIpcTransport(KVTransport):
         """An arena export verified on the device (the module docstring); None when the payload
         or the checksum does not fit that path (the caller takes the general one). Every step
         here is on the transfer's critical path in host time, hence the raw header parse."""
-        if payload[:4] != _ARENA_TAG or len(payload) < _ARENA_HEAD.size:
-            return None
         expected = wsum32_expected(handle.checksum)
-        nbytes = handle.nbytes
-        if expected is None or nbytes % 4:
+        if expected is None or len(payload) < _ARENA_HEAD.size:
+            return None
+        dtype = torch_dtype(handle.dtype)
+        nbytes = dtype.itemsize
+        for size in handle.shape:
+            nbytes *= size
+        if nbytes % 4:
             return None
         _, raw_id, offset, ref_nbytes = _ARENA_HEAD.unpack_from(payload)
         with self._open_lock:
@@ -392,7 +404,7 @@ class CudaIpcTransport(KVTransport):
             self._copier = verified_copier(self.device)
         raw = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         slot = self._copier.launch(arena, raw, nbytes, expected, offset)
-        dst = raw.view(torch_dtype(handle.dtype)).view(handle.shape)  # while the GPU copies
+        dst = raw.view(dtype).view(handle.shape)  # while the GPU copies
         if not self._copier.wait(slot):
             raise ChecksumMismatch(f"{self.name}: checksum mismatch on {handle.request_id!r}")
         return dst
