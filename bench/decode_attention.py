@@ -201,16 +201,6 @@ def run_sweep(args, env) -> None:
         write_results(args.out, env, rows, {"copy_reference_bytes_per_s": copy_bw})
 
 
-def _parse_config(text: str) -> tuple[int, ...]:
-    """``BLOCK_N/warps/stages`` with an optional ``/v`` (load V with K: the kernel's EARLY_V)."""
-    parts = text.split("/")
-    early = parts[-1] == "v"
-    nums = tuple(int(x) for x in (parts[:-1] if early else parts))
-    if len(nums) != 3:
-        raise SystemExit(f"config {text!r}: want BLOCK_N/warps/stages[/v]")
-    return nums + (1,) if early else nums
-
-
 def run_small_sweep(args, env) -> None:
     """Small shapes (where the fixed cost of launches and too few programs shows): every
     (BLOCK_N, warps, stages) x split count, with cuDNN SDPA on the same shape in the same run."""
@@ -221,7 +211,7 @@ def run_small_sweep(args, env) -> None:
     if args.sweep_shapes:
         shapes = [tuple(int(x) for x in t.split("x")) for t in args.sweep_shapes.split(",")]
     if args.sweep_configs:
-        configs = [_parse_config(t) for t in args.sweep_configs.split(",")]
+        configs = [tuple(int(x) for x in t.split("/")) for t in args.sweep_configs.split(",")]
     for batch, ctx in shapes:
         kvb = _kv_bytes(batch, ctx, 2)
         copies = copies_for(kvb)
@@ -268,9 +258,7 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--small-sweep", action="store_true", help="configs x splits at small shapes")
     p.add_argument("--sweep-shapes", default="", help="small sweep shapes, e.g. 16x512,16x4096")
-    p.add_argument(
-        "--sweep-configs", default="", help="BLOCK_N/warps/stages[/v] list, e.g. 128/8/2,64/4/3/v"
-    )
+    p.add_argument("--sweep-configs", default="", help="BLOCK_N/warps/stages list, e.g. 128/8/2")
     p.add_argument("--out", type=Path, default=Path("bench/results/decode_attention.json"))
     args = p.parse_args()
     if not torch.cuda.is_available():

@@ -64,12 +64,8 @@ def _attend_tile(
     PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr,
-    EARLY_V: tl.constexpr,
 ):
-    """Online-softmax update of (acc, m_i, l_i) with keys n0..n0+BLOCK_N restricted to [lo, hi).
-    EARLY_V issues the V tile's load with the K tile's, before the first dot: both tiles' bytes
-    are in flight at once (what a program running only one or two tiles needs to keep HBM busy),
-    at the cost of the V tile's registers during the softmax."""
+    """Online-softmax update of (acc, m_i, l_i) with keys n0..n0+BLOCK_N restricted to [lo, hi)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     nmask = (offs_n >= lo) & (offs_n < hi)
     page = tl.load(table_row + offs_n // PAGE, mask=offs_n < hi, other=0).to(tl.int64)
@@ -80,12 +76,6 @@ def _attend_tile(
         mask=kmask,
         other=0.0,
     )
-    if EARLY_V:
-        v = tl.load(
-            v_head + (page * stride_vb + tok * stride_vt)[:, None] + offs_d[None, :],
-            mask=kmask,
-            other=0.0,
-        )
     qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC, out_dtype=tl.float32)
     qk = qk * scale_log2  # [G, N]
     qk = tl.where(nmask[None, :], qk, float("-inf"))
@@ -94,12 +84,11 @@ def _attend_tile(
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(qk - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if not EARLY_V:
-        v = tl.load(
-            v_head + (page * stride_vb + tok * stride_vt)[:, None] + offs_d[None, :],
-            mask=kmask,
-            other=0.0,
-        )
+    v = tl.load(
+        v_head + (page * stride_vb + tok * stride_vt)[:, None] + offs_d[None, :],
+        mask=kmask,
+        other=0.0,
+    )
     pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC, out_dtype=tl.float32)
     acc = acc * alpha[:, None] + pv
     return acc, m_new, l_i
@@ -143,7 +132,6 @@ def _decode_kernel(
     SPLIT: tl.constexpr,
     DOT_PREC: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
-    EARLY_V: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -184,13 +172,13 @@ def _decode_kernel(
                 acc, m_i, l_i = _attend_tile(
                     q, acc, m_i, l_i, n0, 0, sink_end, table_row, k_head, v_head,
                     stride_kb, stride_kt, stride_vb, stride_vt, scale_log2, offs_d, dmask,
-                    PAGE, BLOCK_N, DOT_PREC, EARLY_V,
+                    PAGE, BLOCK_N, DOT_PREC,
                 )  # fmt: skip
     for n0 in range(start, end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, n0, win_start, end, table_row, k_head, v_head,
             stride_kb, stride_kt, stride_vb, stride_vt, scale_log2, offs_d, dmask,
-            PAGE, BLOCK_N, DOT_PREC, EARLY_V,
+            PAGE, BLOCK_N, DOT_PREC,
         )  # fmt: skip
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -295,15 +283,15 @@ def decode_attention(
     v_scale: float = 1.0,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
-    config: tuple[int, ...] | None = None,
+    config: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """Paged decode attention; returns ``[B, Hq, D]`` in q's dtype.
 
     ``max_seq_len`` is a host-side upper bound of ``seq_lens`` (no device sync here): it only
     picks the grid (split count); each sequence's key ranges come from its own ``seq_lens`` entry
     on the device, so a larger bound (a CUDA graph captured for every context up to the model's
-    length) stays correct. ``num_splits`` and ``config`` (BLOCK_N, num_warps, num_stages[,
-    early_v]) override the heuristics (tests, tuning); early_v: load each V tile with its K tile.
+    length) stays correct. ``num_splits`` and ``config`` (BLOCK_N, num_warps, num_stages) override
+    the heuristics (tests, tuning).
     """
     bsz, hq, dim = q.shape
     nb, page, hkv, dk = k_cache.shape
@@ -321,9 +309,7 @@ def decode_attention(
     if bsz == 0:
         return out
     group = hq // hkv
-    cfg = config or _default_config(dim, q.dtype)
-    block_n, num_warps, num_stages = cfg[:3]
-    early_v = len(cfg) > 3 and bool(cfg[3])
+    block_n, num_warps, num_stages = config or _default_config(dim, q.dtype)
     block_n = max(block_n, 16)
     use_window = sliding_window is not None and sliding_window > 0
     dot_dtype, prec = dot_types(q)
@@ -349,8 +335,7 @@ def decode_attention(
         hq * num_splits, num_splits, 1,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
         BLOCK_D=block_d, PAGE=page, BLOCK_N=block_n, USE_WINDOW=use_window, SPLIT=split,
-        DOT_PREC=prec, DOT_DTYPE=dot_dtype, EARLY_V=early_v, num_warps=num_warps,
-        num_stages=num_stages,
+        DOT_PREC=prec, DOT_DTYPE=dot_dtype, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if split:
         _reduce_kernel[(bsz, hq)](

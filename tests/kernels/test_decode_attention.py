@@ -19,7 +19,7 @@ LENS = [1, 16, 37, 64, 100]
 
 def _run(
     lens, hq, hkv, dim, bs, dtype, kv_dtype=None, splits=None, window=None, sinks=0, kv_scale=1.0,
-    bound=None, config=None,
+    bound=None,
 ):  # fmt: skip
     dev = kernel_device()
     kv_dtype = kv_dtype or dtype
@@ -29,7 +29,7 @@ def _run(
     kw = dict(sliding_window=window, num_sink_tokens=sinks, k_scale=kv_scale, v_scale=kv_scale)
     out = decode_attention(
         q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, dim**-0.5,
-        max_seq_len=bound or max(lens), num_splits=splits, config=config, **kw,
+        max_seq_len=bound or max(lens), num_splits=splits, **kw,
     )  # fmt: skip
     ref = decode_attention_reference(
         q, kv.k_cache, kv.v_cache, kv.block_tables, kv.seq_lens, dim**-0.5, **kw
@@ -58,24 +58,6 @@ def test_grid_for_a_longer_context(window, sinks):
     context): the heuristic's many splits are cut from each sequence's own length on the device."""
     _run([1, 70, 300], 8, 2, 64, 16, torch.float32, bound=8192, window=window, sinks=sinks)
     _run([1, 70, 300], 8, 2, 64, 16, torch.float32, splits=16, bound=8192)
-
-
-@pytest.mark.parametrize(
-    "case",
-    [
-        dict(hq=4, hkv=4, dtype=torch.float32, splits=1),
-        dict(hq=8, hkv=1, dtype=torch.bfloat16, splits=3),
-        dict(hq=4, hkv=2, dtype=torch.float32, splits=2, window=20, sinks=4),
-        dict(hq=8, hkv=2, dtype=torch.bfloat16, splits=2, kv_dtype=FP8, kv_scale=0.5),
-    ],
-    ids=["mha", "mqa-bf16-split3", "window-sinks", "fp8"],
-)
-def test_early_v_loads_match_the_reference(case):
-    """The EARLY_V variant (V tile loaded with the K tile) over the cases where a wrong V would
-    show: MHA and MQA, ragged lengths, splits, window + sinks, fp8 with scales."""
-    case = dict(case)
-    hq, hkv, dtype = case.pop("hq"), case.pop("hkv"), case.pop("dtype")
-    _run(LENS + [150], hq, hkv, 64, 16, dtype, config=(32, 4, 2, 1), **case)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
