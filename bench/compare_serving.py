@@ -1,5 +1,5 @@
-"""Serving comparison on ONE GPU, in one run: Baton disaggregated vs colocated (chunked / unchunked
-prefill), prefix cache on vs off, under workloads (a) shared system prompt, (b) long-prefill
+"""Serving comparison on the same GPU(s), in one run: Baton disaggregated vs colocated (chunked /
+unchunked prefill), prefix cache on vs off, under workloads (a) shared system prompt, (b) long-prefill
 interference, (d) burst.
 
 Each configuration is started in turn on the same GPU, driven, and stopped:
@@ -7,6 +7,9 @@ Each configuration is started in turn on the same GPU, driven, and stopped:
   chunked    1 colocated Ray worker, chunked prefill (max_num_batched_tokens 2048)
   unchunked  1 colocated Ray worker, whole prompts in one step (the static-ish baseline)
   nocache    disagg with the prefix cache off (workload a at one rate: TTFT hit vs miss, same load)
+With ``--gpus N`` (N > 1, one host) every configuration gets the same N whole GPUs: disagg runs N/2
+prefill and N - N/2 decode workers with KV over NCCL; colocated ones run N workers, one per GPU, the
+router spreading requests over them (no KV handed between them).
 The front end is the real router (``RouterCore`` + the OpenAI FastAPI app: auth, tenancy, admission
 with 429s, routing) served by uvicorn on a thread of this process, over the Ray pools through
 ``ClusterEngineClient``. Ray Serve itself is left out so the run does not depend on Serve's proxy
@@ -313,8 +316,15 @@ def run_config(
     pools = router = None
     try:
         ts = time.monotonic()
-        pools = start_pools(pool_config(plan, cfg, name))
+        pcfg = pool_config(plan, cfg, name)
+        pools = start_pools(pcfg)
         out["transport"] = pools.transport
+        out["workers"] = {
+            "prefill": pcfg.num_prefill,
+            "decode": pcfg.num_decode,
+            "colocated": pcfg.num_colocated,
+            "gpus_per_worker": pcfg.num_gpus_per_worker,
+        }
         router = InProcessRouter(cfg, pools)
         router.start()
         wait_healthy(router.url, 120)
@@ -467,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="stop starting phases after this (default 470 GPU, 420 quick)",
     )
+    ap.add_argument("--gpus", type=int, default=1, help="GPUs every configuration gets (1 host)")
     ap.add_argument("--slo-ttft", type=float, default=1.0)
     ap.add_argument("--slo-itl", type=float, default=0.05)
     ap.add_argument("--out", type=Path, default=None)
@@ -474,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     rates = tuple(float(x) for x in args.rates.split(",")) if args.rates else None
     plan = quick_plan(rates) if args.quick else full_plan(rates)
+    if args.gpus < 1:
+        raise SystemExit("--gpus must be >= 1")
+    plan = dataclasses.replace(plan, num_gpus=args.gpus)
     budget = Budget(t0, args.budget_s or (420.0 if args.quick else 470.0))
     slo = SLO(args.slo_ttft, args.slo_itl)
     out_dir = args.out or RESULTS
@@ -517,6 +531,8 @@ def main(argv: list[str] | None = None) -> int:
     cmp = compare(results)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "compare_serving_quick" if args.quick else "compare_serving"
+    if args.gpus > 1:
+        stem += f"_{args.gpus}gpu"
     made = []
     try:
         made = plots(runs, results, out_dir)

@@ -44,8 +44,9 @@ class Plan:
     burst_output: int
     burst_cap: int
     nocache_rate: float
-    gpus: float  # per worker of a colocated config (disagg: half each)
+    gpus: float  # per worker of a colocated config on one GPU (disagg: half each)
     cpus: float
+    num_gpus: int = 1  # >1: every config gets this many whole GPUs (see pool_config)
 
 
 def full_plan(rates: tuple[float, ...] | None) -> Plan:
@@ -202,6 +203,22 @@ def pool_config(plan: Plan, cfg: Any, name: str) -> Any:
     )
     engine = dataclasses.replace(engine, scheduler=sched)
     common = {"engine": engine, "num_cpus_per_worker": plan.cpus, "ray_namespace": f"bench-{name}"}
+    n = plan.num_gpus
+    if n > 1 and plan.device == "cuda":
+        # Equal hardware: disagg splits the GPUs into prefill and decode workers, colocated runs
+        # one worker per GPU. Ray gives each worker only its own GPU, so cuda_ipc (which maps the
+        # peer's memory) cannot reach across them: KV goes over NCCL pair groups. Colocated
+        # workers never hand KV to each other (threshold above any prompt): each request is
+        # prefilled and decoded by one worker, spread by the router's least-loaded pick.
+        if kind == "disagg":
+            return PoolConfig(
+                num_prefill=n // 2, num_decode=n - n // 2, num_gpus_per_worker=1.0,
+                transport="nccl", **common,
+            )  # fmt: skip
+        return PoolConfig(
+            num_prefill=0, num_decode=0, num_colocated=n, num_gpus_per_worker=1.0,
+            disagg_threshold_tokens=plan.max_model_len + 1, **common,
+        )  # fmt: skip
     if kind == "disagg":
         return PoolConfig(num_prefill=1, num_decode=1, num_gpus_per_worker=plan.gpus / 2, **common)
     return PoolConfig(
