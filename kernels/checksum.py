@@ -86,18 +86,18 @@ def _wsum32_kernel(
     product and sum wraps mod 2**32, as in the reference.
 
     VERIFY: no partials; the sums are folded with int32 atomics (they wrap mod 2**32 too) in two
-    levels, so that no address takes more than ~G/GROUPS of them (thousands of atomics on one
-    address serialise: ~10 us at 64 MiB on an H100). Program p adds its sums into its group's
-    line ``state[(1 + p % GROUPS) * LINE + 0:2]`` and counts itself at ``+2``; a group's last
-    arrival moves the group's totals into line 0 and counts the group there; the last group
-    compares the totals with (exp_w, exp_p), writes 1 (match) or 2 (mismatch) to ``flag[0]``.
+    levels: program p adds its sums into its group's line ``state[(1 + p % GROUPS) * LINE + 0:2]``
+    and counts itself at ``+2``; a group's last arrival moves the group's totals into line 0 and
+    counts the group there; the last group compares the totals with (exp_w, exp_p) and writes 1
+    (match) or 2 (mismatch) to ``flag[0]``. Every line is zeroed by the program that empties it,
+    ready for the next launch: the whole verification is on the device, in the copy's own launch.
+    The sums go in with relaxed atomics and only the arrival counts are acq_rel: an acq_rel atomic
+    is a fence that waits for the program's copy stores to land (H100, 64 MiB: 65 us of GPU time
+    with every atomic acq_rel, 57 us like this, 48 us for cudaMemcpy; 1 or 16 groups measured the
+    same). The count's release orders the program's adds before it; its acquire in the last
+    arrival makes every counted add visible to the exchange that follows.
     SYS_FENCE (GPU): the verdict is written after a system-scope fence, so a host that sees it
-    may use the copy without a stream sync. Every line is zeroed by the program that empties it,
-    ready for the next launch: the whole
-    verification is on the device, in the copy's own launch. The sums go in with relaxed atomics
-    and only the arrival counts are acq_rel (each acq_rel atomic is a fence that waits for the
-    program's copy stores to land): the count's release orders the program's adds before it, its
-    acquire in the last arrival makes every counted add visible to the exchange that follows."""
+    may use the copy without a stream sync."""
     src = src_ptr.to(tl.pointer_type(tl.int32))
     dst = dst_ptr.to(tl.pointer_type(tl.int32))
     pid = tl.program_id(0)
