@@ -14,8 +14,9 @@ Sink: opened arenas are kept (``arena id -> uint8 view``, LRU-bounded, dropped o
 handle is opened once, not per transfer. The copy is the handle's checksum fused into it, so the bytes are
 read once. For the default checksum (``wsum32x2``, whose checksum string is the two sums) the comparison
 is on the device too (``kernels.checksum.VerifiedCopier``): an arena export costs one direct launch of the
-compiled kernel and one stream sync, then one word of pinned memory says match or mismatch. That path is
-the whole receive because its fixed cost is host time: at 64 MiB the copy itself is ~50 us on an H100.
+compiled kernel, then the host polls one word of pinned memory that the kernel writes last (match or
+mismatch), with no stream sync. That path is lean because a receive's fixed cost is host time: at 64 MiB
+the copy itself is ~50 us on an H100.
 Older handles (``wsum32x2+blake2b``, ``wsum64``) copy with their fused sums and compare on the host.
 
 Lifetime: the sink acks after its copy has completed (the checksum's host sync), so an extent is reused
