@@ -19,8 +19,9 @@ mismatch), with no stream sync. That path is lean because a receive's fixed cost
 the copy itself is ~50 us on an H100.
 Older handles (``wsum32x2+blake2b``, ``wsum64``) copy with their fused sums and compare on the host.
 
-Lifetime: the sink acks after its copy has completed (the checksum's host sync), so an extent is reused
-only after its reader is done. A sink still copying when the lease expired may read an extent that is
+Lifetime: the sink acks after its copy has completed (the host saw the verdict, which the last program
+writes after every program's reads; or the host sync of the older paths), so an extent is reused only
+after its reader is done. A sink still copying when the lease expired may read an extent that is
 being reused: its checksum then fails and it recomputes, as for any bad transfer.
 """
 
