@@ -8,6 +8,7 @@ and programs per SM. Two times per config, both medians:
   (what a transfer pays).
 
     python bench/checksum_kernel.py --sizes-mib 64 256 --out bench/results/checksum_kernel.json
+    python bench/checksum_kernel.py --verify-variants --sizes-mib 64 256 --out <json>
 
 Writes JSON (device, versions, command, rows, ``best``: the config with the lowest wall time at
 the largest size, as ``BLOCK/PROGRAMS_PER_SM``). GPU only.
@@ -119,6 +120,69 @@ def host_breakdown(sizes_mib: list[int], reps: int) -> list[dict]:
     return out
 
 
+def verify_variants(sizes_mib: list[int], reps: int) -> list[dict]:
+    """The device-verified copy (``VerifiedCopier``, the cuda_ipc sink's default) by its parts:
+    GPU time of the kernel with the fold's atomics all acq_rel or only the arrival counts (the
+    default), 1 or 16 groups, beside ``cudaMemcpy`` and the partials-only variant; and host time of
+    one verified copy (wall, synchronised), of ``launch`` alone and of a stream sync (what the
+    polled verdict replaces)."""
+    from baton.kernels import checksum
+    from baton.workers.kv_handle import ALGO_WSUM32, kv_checksum, wsum32_expected
+
+    out = []
+    for mib in sizes_mib:
+        src = torch.randint(-(2**31), 2**31 - 1, (mib << 18,), dtype=torch.int32, device="cuda")
+        dst = torch.empty_like(src)
+        exp = wsum32_expected(kv_checksum(src, ALGO_WSUM32))
+        n_words = src.numel()
+        grid, n_full, per_prog, tail = checksum._w32_grid(n_words, src.device)
+        state = torch.zeros(1 + checksum._GROUPS, checksum._LINE, dtype=torch.int32, device="cuda")
+        flag = torch.zeros(4, dtype=torch.int32, device="cuda")
+        parts = torch.empty(2, grid, dtype=torch.int32, device="cuda")
+        row: dict = {"mib": mib, "grid": grid, "copy_gpu_us": _gpu_us(lambda: dst.copy_(src), reps)}
+
+        def kernel(verify: bool, groups: int = 16, sem: str = "relaxed"):
+            return lambda: checksum._wsum32_kernel[(grid,)](
+                src, dst, parts, state, flag, n_words, n_full, per_prog, exp[0], exp[1],
+                BLOCK=checksum.W32_BLOCK, COPY=True, TAIL=tail, VERIFY=verify, GROUPS=groups,
+                LINE=checksum._LINE, ADD_SEM=sem, SYS_FENCE=verify,
+                num_warps=checksum._W32_WARPS,
+            )  # fmt: skip
+
+        row["partials_gpu_us"] = _gpu_us(kernel(False), reps)
+        for groups in (1, 16):
+            for sem in ("acq_rel", "relaxed"):
+                fn = kernel(True, groups, sem)
+                flag.zero_()
+                fn()
+                torch.cuda.synchronize()
+                if int(flag[0].item()) != 1:
+                    raise AssertionError(f"verify {groups} groups {sem}: wrong verdict")
+                row[f"verify_g{groups}_{sem}_gpu_us"] = _gpu_us(fn, reps)
+        copier = checksum.VerifiedCopier("cuda")
+        nbytes = n_words * 4
+        assert copier.copy(src, dst, nbytes, exp)
+        row["verified_copy_wall_us"] = _wall_us(lambda: copier.copy(src, dst, nbytes, exp), reps)
+        row["copy_wall_us"] = _wall_us(lambda: dst.copy_(src), reps)
+        launches, syncs = [], []
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            slot = copier.launch(src, dst, nbytes, exp)
+            launches.append(time.perf_counter() - t0)
+            copier.wait(slot)
+            t0 = time.perf_counter()
+            torch.cuda.current_stream().synchronize()
+            syncs.append(time.perf_counter() - t0)
+        row["launch_host_us"] = statistics.median(launches) * 1e6
+        row["idle_stream_sync_us"] = statistics.median(syncs) * 1e6
+        row["direct_launches"] = copier.direct_launches
+        row = {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}
+        print("verify variants", row, flush=True)
+        out.append(row)
+    return out
+
+
 def main() -> None:
     from baton.kernels import checksum
     from baton.workers.kv_handle import wsum32_fold
@@ -130,12 +194,18 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", type=Path, default=Path("bench/results/checksum_kernel.json"))
     ap.add_argument("--host-breakdown", action="store_true", help="only the per-step host costs")
+    ap.add_argument(
+        "--verify-variants", action="store_true", help="only the device-verified copy's parts"
+    )
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/checksum_kernel.py needs a CUDA GPU")
     env = environment(" ".join(["python"] + sys.argv))
     if args.host_breakdown:
         write_results(args.out, env, host_breakdown(args.sizes_mib, args.reps))
+        return
+    if args.verify_variants:
+        write_results(args.out, env, verify_variants(args.sizes_mib, args.reps))
         return
     rows: list[dict] = []
     best: dict[str, float | str] = {}

@@ -92,10 +92,11 @@ def _wsum32_kernel(
     (match) or 2 (mismatch) to ``flag[0]``. Every line is zeroed by the program that empties it,
     ready for the next launch: the whole verification is on the device, in the copy's own launch.
     The sums go in with relaxed atomics and only the arrival counts are acq_rel: an acq_rel atomic
-    is a fence that waits for the program's copy stores to land (H100, 64 MiB: 65 us of GPU time
-    with every atomic acq_rel, 57 us like this, 48 us for cudaMemcpy; 1 or 16 groups measured the
-    same). The count's release orders the program's adds before it; its acquire in the last
-    arrival makes every counted add visible to the exchange that follows.
+    is a fence that waits for the program's copy stores to land (H100, 64 MiB: 63-68 us of GPU time
+    with every atomic acq_rel, 55-58 us like this, 48 us for cudaMemcpy; 1 or 16 groups measured the
+    same; ``bench/checksum_kernel.py --verify-variants``). The count's release orders the
+    program's adds before it; its acquire in the last arrival makes every counted add visible to
+    the exchange that follows.
     SYS_FENCE (GPU): the verdict is written after a system-scope fence, so a host that sees it
     may use the copy without a stream sync."""
     src = src_ptr.to(tl.pointer_type(tl.int32))
