@@ -287,8 +287,7 @@ def bench_kernel(device: str, sizes: list[int], iters: int, kernel: str) -> list
         def verified(src: torch.Tensor, dst: torch.Tensor) -> None:
             if src.data_ptr() not in expected:
                 expected[src.data_ptr()] = wsum32_expected(kv_checksum(src, ALGO_WSUM32))
-            nbytes = src.numel() * src.element_size()
-            assert copier.copy(src, dst, nbytes, expected[src.data_ptr()])
+            assert copier.copy(src, dst, src.nbytes, expected[src.data_ptr()])
 
         return _time_per_size(device, sizes, iters, verified)
     fn = getattr(checksum, kernel)

@@ -387,10 +387,7 @@ class CudaIpcTransport(KVTransport):
         expected = wsum32_expected(handle.checksum)
         if expected is None or len(payload) < _ARENA_HEAD.size:
             return None
-        dtype = torch_dtype(handle.dtype)
-        nbytes = dtype.itemsize
-        for size in handle.shape:
-            nbytes *= size
+        nbytes = handle.nbytes
         if nbytes % 4:
             return None
         _, raw_id, offset, ref_nbytes = _ARENA_HEAD.unpack_from(payload)
@@ -406,7 +403,7 @@ class CudaIpcTransport(KVTransport):
             self._copier = verified_copier(self.device)
         raw = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         slot = self._copier.launch(arena, raw, nbytes, expected, offset)
-        dst = raw.view(dtype).view(handle.shape)  # while the GPU copies
+        dst = raw.view(torch_dtype(handle.dtype)).view(handle.shape)  # while the GPU copies
         if not self._copier.wait(slot):
             raise ChecksumMismatch(f"{self.name}: checksum mismatch on {handle.request_id!r}")
         return dst
